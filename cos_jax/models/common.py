@@ -1,0 +1,27 @@
+"""Layers shared by the model zoo: conv/BN initialisers matching the reference."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+
+# Kaiming-normal with fan_out, as the reference initialises convolutions.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def batch_norm(train: bool):
+  # PyTorch BatchNorm2d defaults: momentum 0.1 (= flax 0.9), eps 1e-5.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5)
+
+
+conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1,
+                            kernel_init=conv_init)
+
+
+def avg_pool(x, size: int = 2, stride: int | None = None, padding='VALID'):
+  # Average (not max) pooling: linear, so it commutes with the time folding
+  # and keeps the ANN and SNN layers equivalent.
+  stride = stride or size
+  return nn.avg_pool(x, (size, size), (stride, stride), padding=padding)

@@ -1,0 +1,282 @@
+"""QCFS activation, IF neurons and the offset-spike calibration (COS), as pure functions.
+
+Units and conventions (see docs/semantics.md for the full statement):
+
+* ``threshold`` is a layer's firing threshold θ, equal to the QCFS clip value λ.
+  It may be a scalar or anything that broadcasts against one time-step of currents.
+* ``currents`` have a leading time axis: ``currents[t - 1]`` is I(t), the input
+  current at step t = 1..T. The remaining axes are arbitrary (batch, neurons...).
+* ``v`` is the membrane potential *after* the reset of a step; ``v0`` is v(0).
+
+Every function here is pure, jit-able, shape-polymorphic and dtype-preserving
+(float32, or float64 under ``jax_enable_x64``). Time is handled by ``lax.scan``
+whose carry holds only per-neuron running values, so memory is O(neurons) beyond
+the spike train itself — no ``[T, ...]`` potential trace is ever materialised.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Default Theorem-2 margin ε, as a fraction of θ (the reference code's 0.001·θ).
+DEFAULT_EPSILON = 1e-3
+
+
+def qcfs(x: Array, threshold: Array, levels: int) -> Array:
+  """Quantization-clip-floor-shift activation (COS eq. 7).
+
+  ``a = λ/L · clip(floor(x·L/λ + 1/2), 0, L)`` with λ = ``threshold``.
+
+  The floor uses a straight-through estimator (identity gradient) so the
+  network trains; the clip passes zero gradient outside [0, L]. Gradients reach
+  ``threshold`` through ordinary autodiff of both places it appears.
+
+  Args:
+    x: pre-activations, any shape, float dtype.
+    threshold: λ (> 0), scalar or broadcastable to ``x``.
+    levels: L, the number of quantisation steps (a positive Python int).
+
+  Returns:
+    Array of ``x``'s shape whose values lie on the grid {kλ/L : k = 0..L}.
+
+  Example:
+    >>> cos_jax.qcfs(jnp.array([-1., 0.9, 3.1, 99.]), 8.0, 4)
+    Array([0., 0., 4., 8.], dtype=float32)
+  """
+  if isinstance(levels, int) and levels <= 0:
+    raise ValueError(f'levels must be a positive integer, got {levels}')
+  threshold = jnp.asarray(threshold, x.dtype)
+  scaled = x * levels / threshold + 0.5
+  # Straight-through floor: forward floor(scaled), backward identity.
+  floored = scaled + jax.lax.stop_gradient(jnp.floor(scaled) - scaled)
+  return jnp.clip(floored, 0, levels) * threshold / levels
+
+
+class ProbeStats(NamedTuple):
+  """Per-neuron running statistics of an IF run (all shaped like one time-step).
+
+  Attributes:
+    v: final potential v(T) after the last reset.
+    spike_count: number of spikes Σ s(t) (same float dtype as the currents).
+    min_fired_v: min{v(t) | s(t) = 1}; +inf where the neuron never fired.
+    max_silent_v: max{v(t) | s(t) = 0}; -inf where the neuron fired at every step.
+  """
+  v: Array
+  spike_count: Array
+  min_fired_v: Array
+  max_silent_v: Array
+
+
+class IFResult(NamedTuple):
+  """Output of :func:`if_neuron`.
+
+  Attributes:
+    spikes: ``[T, ...]`` spike train in {0, 1} (dtype of the currents).
+    v: final potential v(T).
+    spike_count, min_fired_v, max_silent_v: as in :class:`ProbeStats`.
+  """
+  spikes: Array
+  v: Array
+  spike_count: Array
+  min_fired_v: Array
+  max_silent_v: Array
+
+  @property
+  def stats(self) -> ProbeStats:
+    return ProbeStats(self.v, self.spike_count, self.min_fired_v,
+                      self.max_silent_v)
+
+
+def half_threshold(threshold: Array, like: Array) -> Array:
+  """The QCFS-matched initial potential θ/2, broadcast to ``like``'s shape."""
+  return jnp.broadcast_to(jnp.asarray(threshold, like.dtype) / 2, like.shape)
+
+
+def _if_scan(currents: Array, threshold: Array, v0: Array | None,
+             keep_spikes: bool):
+  threshold = jnp.asarray(threshold, currents.dtype)
+  step_shape = currents.shape[1:]
+  if v0 is None:
+    v0 = half_threshold(threshold, currents[0])
+  v0 = jnp.broadcast_to(jnp.asarray(v0, currents.dtype), step_shape)
+  inf = jnp.asarray(jnp.inf, currents.dtype)
+  init = ProbeStats(
+      v=v0,
+      spike_count=jnp.zeros(step_shape, currents.dtype),
+      min_fired_v=jnp.full(step_shape, inf),
+      max_silent_v=jnp.full(step_shape, -inf))
+
+  def step(carry: ProbeStats, current: Array):
+    u = carry.v + current                      # charge (eq. 2 before reset)
+    fired = u >= threshold                     # fire (eq. 4)
+    spike = fired.astype(currents.dtype)
+    v = u - spike * threshold                  # reset by subtraction
+    carry = ProbeStats(
+        v=v,
+        spike_count=carry.spike_count + spike,
+        min_fired_v=jnp.where(fired, jnp.minimum(carry.min_fired_v, v),
+                              carry.min_fired_v),
+        max_silent_v=jnp.where(fired, carry.max_silent_v,
+                               jnp.maximum(carry.max_silent_v, v)))
+    return carry, (spike if keep_spikes else None)
+
+  return jax.lax.scan(step, init, currents)
+
+
+def if_neuron(currents: Array, threshold: Array,
+              v0: Array | None = None) -> IFResult:
+  """Integrate-and-fire neurons with reset by subtraction (COS eq. 2-4).
+
+  ``u(t) = v(t-1) + I(t)``, ``s(t) = [u(t) ≥ θ]``, ``v(t) = u(t) - s(t)·θ``.
+  The value a layer passes on is ``s(t)·θ``.
+
+  Args:
+    currents: ``[T, ...]`` input currents I(1..T).
+    threshold: θ, scalar or broadcastable to ``currents[0]``.
+    v0: initial potential v(0), broadcastable to ``currents[0]``;
+      ``None`` means θ/2 (the QCFS-matched default).
+
+  Returns:
+    :class:`IFResult` with ``spikes`` ``[T, ...]`` and per-neuron running
+    statistics (final potential, spike count, min potential over spike steps,
+    max potential over silent steps).
+
+  Example:
+    >>> r = cos_jax.if_neuron(jnp.full((4, 3), 0.6), 1.0)   # T=4, 3 neurons
+    >>> r.spikes.sum(0), r.v                 # 0.5 + 4·0.6 = 2.9 -> 2 spikes, v=0.9
+  """
+  stats, spikes = _if_scan(currents, threshold, v0, keep_spikes=True)
+  return IFResult(spikes, *stats)
+
+
+def probe(currents: Array, threshold: Array,
+          v0: Array | None = None) -> ProbeStats:
+  """Stage 1 of COS: run IF neurons over ``currents`` and keep only statistics.
+
+  Same dynamics as :func:`if_neuron` but the spike train is not returned, so
+  memory is O(neurons) regardless of the number of probe steps ρ.
+
+  Args:
+    currents: ``[ρ, ...]`` probe currents.
+    threshold: θ.
+    v0: initial potential (``None`` = θ/2).
+
+  Returns:
+    :class:`ProbeStats`, each field shaped like ``currents[0]``.
+  """
+  stats, _ = _if_scan(currents, threshold, v0, keep_spikes=False)
+  return stats
+
+
+def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, steps: int,
+             epsilon: float = DEFAULT_EPSILON) -> Array:
+  """One COS step: decide the sign of the offset spike and shift v(0) (Thms 1-3).
+
+  Let δ = v0 - θ/2 be the shift accumulated so far and r = v(ρ) - δ the residual
+  the neuron would have had from θ/2 (conservation, eq. 5). By Theorem 3, the
+  offset spike ψ = k when r/θ ∈ [k, k+1). Hence:
+
+  * fired at least once and r < 0        -> too many spikes: shift down by
+    ``max(θ, min{v(t)|s(t)=1} + ε)`` (Theorem 2(i): exactly one spike fewer);
+  * silent at least once and r ≥ θ       -> too few spikes: shift up by
+    ``max(θ, θ + ε - max{v(t)|s(t)=0})`` (Theorem 2(ii): exactly one more);
+  * otherwise leave v0 unchanged.
+
+  Args:
+    v0: the potential the probe started from.
+    stats: :class:`ProbeStats` of a probe from ``v0``.
+    threshold: θ.
+    steps: ρ, the number of probe steps (to know "fired at every step").
+    epsilon: ε as a fraction of θ, in (0, 1).
+
+  Returns:
+    The shifted initial potential, shaped like ``v0``.
+  """
+  threshold = jnp.asarray(threshold, v0.dtype)
+  eps = epsilon * threshold
+  accumulated = v0 - threshold / 2
+  residual = stats.v - accumulated
+  too_many = (stats.spike_count > 0) & (residual < 0)
+  too_few = (stats.spike_count < steps) & (residual >= threshold)
+  # The inf sentinels only ever sit in the branch `where` discards.
+  down = jnp.maximum(threshold, stats.min_fired_v + eps)
+  up = jnp.maximum(threshold, threshold + eps - stats.max_silent_v)
+  return jnp.where(too_many, v0 - down, jnp.where(too_few, v0 + up, v0))
+
+
+def _check_epsilon(epsilon: float) -> None:
+  if not 0.0 < float(epsilon) < 1.0:
+    raise ValueError(
+        f'epsilon is a fraction of the threshold and must lie in (0, 1); '
+        f'got {epsilon}')
+
+
+def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
+                    *, iterations: int = 1,
+                    epsilon: float = DEFAULT_EPSILON) -> Array:
+  """Calibrated offset spikes for one layer: probe, judge the sign, shift v(0).
+
+  Repeats probe -> :func:`shift_v0` ``iterations`` times on the same ρ input
+  steps. Under the theorems' conditions (ρ = T = L, inputs matching the ANN's)
+  k iterations remove every offset spike with |ψ| ≤ k.
+
+  Args:
+    currents: ``[ρ, ...]`` the layer's first ρ input currents.
+    threshold: θ.
+    v0: starting potential (``None`` = θ/2), broadcastable to ``currents[0]``.
+    iterations: how many probe/shift rounds (≥ 1; 0 returns ``v0``).
+    epsilon: ε as a fraction of θ, in (0, 1).
+
+  Returns:
+    The calibrated v(0), shaped like ``currents[0]``.
+
+  Example:
+    >>> I = jnp.full((4, 1), 0.3)            # ANN: floor(1.2 + .5) = 1 spike
+    >>> cos_jax.calibrate_layer(I, 1.0)      # θ/2 start fires 1 spike already
+  """
+  _check_epsilon(epsilon)
+  if iterations < 0:
+    raise ValueError(f'iterations must be >= 0, got {iterations}')
+  steps = currents.shape[0]
+  if v0 is None:
+    v0 = half_threshold(threshold, currents[0])
+  v0 = jnp.broadcast_to(jnp.asarray(v0, currents.dtype), currents.shape[1:])
+
+  def one_round(v, _):
+    return shift_v0(v, probe(currents, threshold, v), threshold, steps,
+                    epsilon), None
+
+  v0, _ = jax.lax.scan(one_round, v0, None, length=iterations)
+  return v0
+
+
+def offset_spikes(ann_output: Array, spike_count: Array, threshold: Array,
+                  steps: int) -> Array:
+  """Offset spike ψ = a·T/θ - Σ s (COS eq. 8): desired minus actual count.
+
+  Args:
+    ann_output: the ANN (QCFS) activation a of the same neurons.
+    spike_count: the SNN's spike count over ``steps`` time-steps.
+    threshold: θ (= λ).
+    steps: T, the number of steps the count covers.
+
+  Returns:
+    ψ per neuron (an integer-valued float when T is a multiple of L).
+  """
+  threshold = jnp.asarray(threshold, ann_output.dtype)
+  return ann_output * steps / threshold - spike_count
+
+
+def ratio_and_mse(psi: Array, tolerance: float = 1e-3) -> tuple[Array, Array]:
+  """Ratio and MSE of COS §5.4 for offset spikes ``psi``.
+
+  Ratio is the fraction of neurons whose SNN output equals the ANN's (|ψ| below
+  ``tolerance``, which absorbs float rounding of a·T/θ); MSE is mean(ψ²).
+  """
+  psi = jnp.asarray(psi)
+  return jnp.mean(jnp.abs(psi) < tolerance), jnp.mean(psi * psi)

@@ -1,0 +1,272 @@
+"""Running a zoo model as an IF spiking network: init, calibrate, simulate.
+
+The SNN is the ANN's own module with ``spiking=SpikingConfig(...)`` and the same
+``{'params', 'batch_stats'}`` variables. Linear layers (conv, dense, BN in
+inference mode, average pooling) run once on the whole time-folded batch
+``[T·B, ...]``; only the neuron state is scanned over time. The first layer's
+current is computed once from the static image and broadcast over time.
+
+Initial potentials travel as a "v0 pytree": the Flax ``'v0'`` collection, one
+``[B, ...]`` leaf per IF layer, nested by module path like the params.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from cos_jax import neuron
+from cos_jax.activation import SpikingConfig
+
+PyTree = Any
+SCHEDULES = ('layerwise', 'global')
+INITS = ('cos', 'half', 'lightweight', 'zero', 'random')
+
+
+def spiking(model: nn.Module, config: SpikingConfig) -> nn.Module:
+  """The spiking twin of ``model``: same module, same variables, IF neurons."""
+  return model.clone(spiking=config)
+
+
+def _model_variables(variables: PyTree, v0: PyTree | None) -> dict:
+  out = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+  if v0 is not None:
+    out['v0'] = v0
+  return out
+
+
+def _apply(model, variables, images, v0, config: SpikingConfig,
+           capture: bool = False):
+  """One spiking pass; returns (outputs [steps, B, C], mutated collections)."""
+  mutable = []
+  if v0 is None or config.init != 'given':
+    mutable.append('v0')
+  if capture:
+    mutable.append('intermediates')
+  out, state = spiking(model, config).apply(
+      _model_variables(variables, v0), images, train=False, mutable=mutable)
+  outputs = out.reshape((config.steps, images.shape[0]) + out.shape[1:])
+  return outputs, dict(state)
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+def _thresholds_like(v0_shapes: PyTree, params: PyTree) -> PyTree:
+  """For each v0 leaf path, the matching Activation's threshold parameter."""
+  flat_params = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(v0_shapes)
+  return traverse_util.unflatten_dict(
+      {path: flat_params[path[:-1] + ('threshold',)] for path in flat})
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
+  """The QCFS-matched initial potentials θ/2 for every IF neuron and sample.
+
+  Args:
+    model: a zoo model (``cos_jax.models.get``), spiking or not.
+    variables: its ``{'params', 'batch_stats'}``.
+    images: ``[B, H, W, C]`` a batch (only its shape matters).
+
+  Returns:
+    The v0 pytree: ``{path...: {'v0': [B, ...neuron shape]}}`` filled with θ/2.
+    No forward computation is compiled into the result (shapes come from
+    ``jax.eval_shape``).
+  """
+  config = SpikingConfig(steps=1)
+  shapes = jax.eval_shape(
+      lambda v, x: _apply(model, v, x, None, config)[1]['v0'], variables,
+      images)
+  thresholds = _thresholds_like(shapes, variables['params'])
+  return jax.tree.map(lambda s, th: jnp.full(s.shape, th / 2, s.dtype),
+                      shapes, thresholds)
+
+
+def _fill_v0(model, variables, images, kind: str, key=None) -> PyTree:
+  """v0 pytrees for the comparison initialisations (paper Table S3)."""
+  half = init_v0(model, variables, images)
+  if kind == 'half':
+    return half
+  if kind == 'zero':
+    return jax.tree.map(jnp.zeros_like, half)
+  if kind == 'random':
+    if key is None:
+      raise ValueError("init='random' needs a PRNG key (key=jax.random.key(0))")
+    leaves, treedef = jax.tree.flatten(half)
+    keys = jax.random.split(key, len(leaves))
+    # θ/2 · 2 = θ: uniform in [0, θ).
+    return jax.tree.unflatten(treedef, [
+        jax.random.uniform(k, leaf.shape, leaf.dtype) * (2 * leaf)
+        for k, leaf in zip(keys, leaves)])
+  raise ValueError(f'unknown init {kind!r}')
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'rho', 'iterations', 'schedule', 'epsilon'))
+def _calibrate(model, variables, images, v0, *, rho, iterations, schedule,
+               epsilon):
+  if schedule == 'layerwise':
+    config = SpikingConfig(steps=rho, init='cos', rho=rho,
+                           iterations=iterations, epsilon=epsilon)
+    return _apply(model, variables, images, v0, config)[1]['v0']
+  config = SpikingConfig(steps=rho, init='global', rho=rho, epsilon=epsilon)
+  if v0 is None:
+    v0 = init_v0(model, variables, images)
+  one_round = lambda _, v: _apply(model, variables, images, v, config)[1]['v0']
+  return jax.lax.fori_loop(0, iterations, one_round, v0)
+
+
+def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
+              v0: PyTree | None = None, *, rho: int, iterations: int = 1,
+              schedule: str = 'layerwise',
+              epsilon: float = neuron.DEFAULT_EPSILON) -> PyTree:
+  """COS: per-sample initial potentials calibrated from a ρ-step probe.
+
+  ``layerwise`` (paper Algorithm 1): layer l is probed on the first ρ outputs
+  of the already calibrated layer l-1, shifted ``iterations`` times, then run
+  ρ steps to feed layer l+1. ``global``: the whole network runs ρ steps from
+  ``v0`` and every layer shifts at once; repeated ``iterations`` times.
+
+  Args:
+    model: a zoo model. variables: its ``{'params', 'batch_stats'}``.
+    images: ``[B, H, W, C]`` inputs (static: fed at every step).
+    v0: starting v0 pytree (``None`` = θ/2 everywhere).
+    rho: probe length ρ ≥ 1 (independent of the later simulation length T).
+    iterations: probe/shift rounds (≥ 1).
+    schedule: 'layerwise' or 'global'.
+    epsilon: Theorem-2 ε as a fraction of θ, in (0, 1).
+
+  Returns:
+    The calibrated v0 pytree (same structure as :func:`init_v0`'s). Memory
+    beyond a ρ-step simulation is O(neurons × batch).
+
+  Example:
+    >>> v0 = cos_jax.calibrate(model, variables, images, rho=8)
+    >>> outputs = cos_jax.simulate(model, variables, images, v0, T=4)
+  """
+  _check_positive_int('rho', rho)
+  _check_positive_int('iterations', iterations)
+  if schedule not in SCHEDULES:
+    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+  neuron._check_epsilon(epsilon)  # pylint: disable=protected-access
+  return _calibrate(model, variables, images, v0, rho=rho,
+                    iterations=iterations, schedule=schedule,
+                    epsilon=float(epsilon))
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'T'))
+def _simulate(model, variables, images, v0, *, T):
+  return _apply(model, variables, images, v0, SpikingConfig(steps=T))[0]
+
+
+def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
+             v0: PyTree | None = None, *, T: int) -> jax.Array:
+  """Runs the IF network T steps from ``v0``.
+
+  Args:
+    model, variables: a zoo model and its variables.
+    images: ``[B, H, W, C]`` static inputs.
+    v0: v0 pytree (``None`` = θ/2, the QCFS baseline).
+    T: time-steps ≥ 1.
+
+  Returns:
+    ``[T, B, num_classes]`` per-step outputs of the last (non-spiking) layer.
+    The prediction at time t is ``outputs[:t].mean(0).argmax(-1)``.
+  """
+  _check_positive_int('T', T)
+  return _simulate(model, variables, images, v0, T=T)
+
+
+class SNNRun(NamedTuple):
+  """Result of :func:`evaluate_snn`.
+
+  Attributes:
+    outputs: ``[T, B, num_classes]`` per-step outputs.
+    v0: the initial potentials the T-step run started from.
+    intermediates: per-layer spike counts / input-current sums over the first
+      ``record_steps`` steps (empty dict when not recorded).
+  """
+  outputs: jax.Array
+  v0: PyTree
+  intermediates: PyTree
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'T', 'init', 'rho', 'iterations', 'schedule', 'epsilon',
+    'record_steps'))
+def _evaluate(model, variables, images, key, *, T, init, rho, iterations,
+              schedule, epsilon, record_steps):
+  if init in ('cos', 'lightweight') and schedule == 'layerwise':
+    # Fused: each layer probes its first ρ inputs, sets v0, and runs
+    # max(ρ, T) steps so the next layer has ρ probe inputs too.
+    config = SpikingConfig(steps=max(rho, T), init=init, rho=rho,
+                           iterations=iterations, epsilon=epsilon,
+                           record_steps=record_steps)
+    outputs, state = _apply(model, variables, images, None, config,
+                            capture=bool(record_steps))
+    v0 = state['v0']
+  else:
+    if init == 'cos':
+      v0 = _calibrate(model, variables, images, None, rho=rho,
+                      iterations=iterations, schedule=schedule,
+                      epsilon=epsilon)
+    elif init == 'lightweight':  # global lightweight: v(ρ) of a network run
+      _, state = _apply(model, variables, images, None, SpikingConfig(
+          steps=rho, init='lightweight', rho=rho))
+      v0 = state['v0']
+    else:
+      v0 = _fill_v0(model, variables, images, init, key)
+    outputs, state = _apply(model, variables, images, v0, SpikingConfig(
+        steps=T, record_steps=record_steps), capture=bool(record_steps))
+  intermediates = state.get('intermediates', {})
+  return SNNRun(outputs[:T], v0, intermediates)
+
+
+def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
+                 T: int, init: str = 'cos', rho: int | None = None,
+                 iterations: int = 1, schedule: str = 'layerwise',
+                 epsilon: float = neuron.DEFAULT_EPSILON,
+                 key: jax.Array | None = None,
+                 record_steps: int = 0) -> SNNRun:
+  """Sets v0 by ``init`` and simulates T steps, in one compiled pass.
+
+  For ``init='cos'`` with the layerwise schedule this is the fused path: every
+  layer runs ``max(ρ, T)`` steps (probe, shift, run) instead of 2ρ + T, and the
+  result equals ``simulate(calibrate(...), T)``.
+
+  Args:
+    init: 'cos' (calibrated offset spikes), 'half' (θ/2, the QCFS baseline),
+      'lightweight' (v0 ← v(ρ)), 'zero', or 'random' (uniform [0, θ), needs
+      ``key``).
+    rho: probe length (required for 'cos' and 'lightweight').
+    record_steps: if > 0, also return per-layer spike counts and input-current
+      sums over the first ``record_steps`` (≤ T) steps.
+    Others as in :func:`calibrate` / :func:`simulate`.
+
+  Returns:
+    :class:`SNNRun` (outputs ``[T, B, C]``, the v0 used, intermediates).
+  """
+  _check_positive_int('T', T)
+  if init not in INITS:
+    raise ValueError(f'init must be one of {INITS}, got {init!r}')
+  if init in ('cos', 'lightweight'):
+    _check_positive_int('rho', rho)
+    _check_positive_int('iterations', iterations)
+    neuron._check_epsilon(epsilon)  # pylint: disable=protected-access
+  else:
+    rho = None
+  if schedule not in SCHEDULES:
+    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+  if not 0 <= record_steps <= T:
+    raise ValueError(f'record_steps must be in [0, T={T}], got {record_steps}')
+  return _evaluate(model, variables, images, key, T=T, init=init, rho=rho,
+                   iterations=iterations, schedule=schedule,
+                   epsilon=float(epsilon), record_steps=record_steps)
