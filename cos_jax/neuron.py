@@ -33,7 +33,7 @@ def qcfs(x: Array, threshold: Array, levels: int) -> Array:
   ``a = λ/L · clip(floor(x·L/λ + 1/2), 0, L)`` with λ = ``threshold``.
 
   The floor uses a straight-through estimator (identity gradient) so the
-  network trains; the clip passes zero gradient outside [0, L]. Gradients reach
+  network trains; the clip passes gradient 1 on [0, L] and 0 outside. Gradients reach
   ``threshold`` through ordinary autodiff of both places it appears.
 
   Args:
@@ -54,7 +54,12 @@ def qcfs(x: Array, threshold: Array, levels: int) -> Array:
   scaled = x * levels / threshold + 0.5
   # Straight-through floor: forward floor(scaled), backward identity.
   floored = scaled + jax.lax.stop_gradient(jnp.floor(scaled) - scaled)
-  return jnp.clip(floored, 0, levels) * threshold / levels
+  # Clip with gradient 1 on the closed range [0, L], like torch.clamp (jnp.clip
+  # would halve it on the end buckets, where the floored value sits exactly on
+  # the bound).
+  clipped = jnp.where(floored < 0, 0.0, jnp.where(floored > levels, levels,
+                                                  floored))
+  return clipped.astype(x.dtype) * threshold / levels
 
 
 class ProbeStats(NamedTuple):
