@@ -1,0 +1,7 @@
+"""VGG-16 on CIFAR-100, the paper's settings (lr 0.02, wd 5e-4, L=4, 300 epochs)."""
+
+from configs import paper
+
+
+def get_config():
+  return paper.paper_config('cifar100', 'vgg16')

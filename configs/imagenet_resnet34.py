@@ -1,0 +1,11 @@
+"""ResNet-34 on ImageNet, the paper's settings (lr 0.1, wd 1e-4, L=8, batch 256, 300 epochs).
+
+L=16 is the paper's other ImageNet setting: --config.levels=16. The reference
+uses the CIFAR stem on ImageNet too; --config.stem=imagenet gives the 7x7/2 stem.
+"""
+
+from configs import paper
+
+
+def get_config():
+  return paper.paper_config('imagenet2012', 'resnet34')
