@@ -44,21 +44,25 @@ def _sown(intermediates: PyTree, leaf: str) -> dict[str, jax.Array]:
           if path[-1] == leaf}
 
 
-def _histogram(psi: jax.Array) -> jax.Array:
+def _per_neuron_weights(mask: jax.Array, like: jax.Array) -> jax.Array:
+  """The per-sample mask [B] broadcast to a per-neuron array [B, ...]."""
+  return jnp.broadcast_to(mask.reshape((-1,) + (1,) * (like.ndim - 1)),
+                          like.shape).astype(jnp.int32)
+
+
+def _psi_stats(psi: jax.Array, weights: jax.Array,
+               tolerance: float) -> dict[str, jax.Array]:
   bins = jnp.clip(jnp.round(psi), -MAX_OFFSET, MAX_OFFSET).astype(jnp.int32)
-  return jnp.zeros(len(OFFSET_BINS), jnp.int32).at[
-      (bins + MAX_OFFSET).ravel()].add(1)
-
-
-def _psi_stats(psi: jax.Array, tolerance: float) -> dict[str, jax.Array]:
-  return {'histogram': _histogram(psi),
-          'exact': jnp.sum(jnp.abs(psi) < tolerance, dtype=jnp.int32),
-          'squared_error': jnp.sum(psi.astype(jnp.float32) ** 2)}
+  histogram = jnp.zeros(len(OFFSET_BINS), jnp.int32).at[
+      (bins + MAX_OFFSET).ravel()].add(weights.ravel())
+  return {'histogram': histogram,
+          'exact': jnp.sum((jnp.abs(psi) < tolerance) * weights),
+          'squared_error': jnp.sum(weights * psi.astype(jnp.float32) ** 2)}
 
 
 @functools.partial(jax.jit, static_argnames=(
     'model', 'T', 'init', 'rho', 'iterations', 'schedule', 'epsilon'))
-def _layer_statistics(model, variables, images, key, *, T, init, rho,
+def _layer_statistics(model, variables, images, mask, key, *, T, init, rho,
                       iterations, schedule, epsilon):
   _, ann_state = model.apply(
       {k: variables[k] for k in ('params', 'batch_stats')}, images,
@@ -79,13 +83,16 @@ def _layer_statistics(model, variables, images, key, *, T, init, rho,
     # tolerance only absorbs float rounding of that product.
     tolerance = 0.5 if T % model.levels == 0 else 1e-3
     constrained_a = neuron.qcfs(current_sums[name] / T, theta, model.levels)
+    weights = _per_neuron_weights(mask, count)
     out[name] = {
         'plain': _psi_stats(
-            neuron.offset_spikes(ann[name], count, theta, T), tolerance),
+            neuron.offset_spikes(ann[name], count, theta, T), weights,
+            tolerance),
         'constrained': _psi_stats(
-            neuron.offset_spikes(constrained_a, count, theta, T), tolerance),
-        'spikes': jnp.sum(count),
-        'neurons': jnp.asarray(count.size, jnp.int32),
+            neuron.offset_spikes(constrained_a, count, theta, T), weights,
+            tolerance),
+        'spikes': jnp.sum(count * weights),
+        'neurons': jnp.sum(weights),
     }
   return out, run.outputs
 
@@ -94,7 +101,8 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
                      *, T: int, init: str = 'cos', rho: int | None = None,
                      iterations: int = 1, schedule: str = 'layerwise',
                      epsilon: float = neuron.DEFAULT_EPSILON,
-                     key: jax.Array | None = None):
+                     key: jax.Array | None = None,
+                     mask: jax.Array | None = None):
   """Per-layer offset-spike statistics of one batch (sums over the batch).
 
   Args:
@@ -103,6 +111,7 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
     init, rho, iterations, schedule, epsilon, key: as in
       :func:`cos_jax.evaluate_snn`; ``init='half'`` gives the uncalibrated
       "before" picture, ``init='cos'`` the calibrated one.
+    mask: optional ``[B]`` 0/1 weights (padding samples get 0).
 
   Returns:
     ``(stats, outputs)``: ``stats[layer]`` has ``'plain'`` and ``'constrained'``
@@ -113,7 +122,9 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
   """
   if init in ('cos', 'lightweight') and (rho is None or rho < 1):
     raise ValueError(f'init={init!r} needs rho >= 1, got {rho!r}')
-  return _layer_statistics(model, variables, images, key, T=T, init=init,
+  if mask is None:
+    mask = jnp.ones(images.shape[:1], jnp.int32)
+  return _layer_statistics(model, variables, images, mask, key, T=T, init=init,
                            rho=rho if init in ('cos', 'lightweight') else None,
                            iterations=iterations, schedule=schedule,
                            epsilon=float(epsilon))
