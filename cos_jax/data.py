@@ -27,17 +27,18 @@ images with stateless randomness.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
 import functools
-import hashlib
 import math
 import os
 import socket
 import struct
 import tempfile
 import threading
+import weakref
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -179,13 +180,9 @@ def _can_reach(host: str, port: int, timeout: float = 5.0) -> bool:
 
 @contextlib.contextmanager
 def _preparation_lock(data_dir_root: str, name: str):
-  """Serialises preparing one dataset across processes (e.g. pytest-xdist).
-
-  The lock file lives in the temp dir, so locking creates nothing in data_dir.
-  """
-  digest = hashlib.sha1(os.path.abspath(data_dir_root).encode()).hexdigest()[:16]
-  path = os.path.join(tempfile.gettempdir(), f'cos_jax_{name}_{digest}.lock')
-  with open(path, 'w') as f:
+  """Serialises preparing one dataset across processes (e.g. pytest-xdist)."""
+  os.makedirs(data_dir_root, exist_ok=True)
+  with open(os.path.join(data_dir_root, f'.cos_jax_{name}.lock'), 'w') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -709,6 +706,17 @@ def _imagenet_eval(image, spec, size: int = 224, resize: int = 256):
   return _normalize(image, spec)
 
 
+@functools.lru_cache(maxsize=None)
+def _traced_train_fn(name: str) -> Callable:
+  """The training preprocessing as one tf.function, traced once per process.
+
+  tf.data traces map functions anew for every pipeline, i.e. every epoch; the
+  AutoAugment graph takes seconds to trace, a tf.function call inside the map
+  reuses its traced graph.
+  """
+  return tf.function(_preprocess_fn(name, True), reduce_retracing=True)
+
+
 def _preprocess_fn(name: str, train: bool) -> Callable:
   """Returns fn(image, key) -> float32 [H, W, C]; key is None when not train."""
   spec = dataset_info(name)
@@ -759,6 +767,29 @@ def _tf_options() -> tf.data.Options:
   return options
 
 
+# Iterators not yet exhausted. A tf.data iterator still alive at interpreter
+# shutdown can deadlock it (seen with tfds.testing.mock_data's from_generator
+# input: a prefetch thread needs the GIL while Python finalises), so they are
+# closed by an atexit hook, while the interpreter is still whole.
+_OPEN_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for iterator in list(_OPEN_ITERATORS):
+    iterator.close()
+
+
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict]:
+  """A generator over `ds` as NumPy, registered for closing at exit."""
+  def generate():
+    yield from tfds.as_numpy(ds)
+
+  iterator = generate()
+  _OPEN_ITERATORS.add(iterator)
+  return iterator
+
+
 def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
                  seed: int = 0, data_dir: Optional[str] = None,
                  num_examples: Optional[int] = None, epoch: int = 0,
@@ -787,7 +818,6 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
   Raises:
     DatasetUnavailableError: the dataset can't be prepared here.
   """
-  spec = dataset_info(name)
   shard_index, num_shards = _resolve_shards(shard_index, num_shards)
   drop_remainder = train if drop_remainder is None else drop_remainder
   builder = get_builder(name, data_dir)
@@ -809,7 +839,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
     buffer = min(_SHUFFLE_BUFFER[name], num_examples or _SHUFFLE_BUFFER[name])
     ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
 
-  preprocess = _preprocess_fn(name, train)
+  preprocess = _traced_train_fn(name) if train else _preprocess_fn(name, False)
   key = tf.constant(aug_key, tf.int64)
 
   def prepare(index, image_label):
@@ -823,7 +853,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
   ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_tf_options())
-  return iter(tfds.as_numpy(ds))
+  return _numpy_batches(ds)
 
 
 def _num_examples_in(split, spec: DatasetSpec) -> int:
