@@ -109,7 +109,7 @@ def main(argv):
     _fail(f'unexpected arguments {" ".join(argv[1:])}: pass settings as '
           'flags, e.g. --rho 8')
   if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # TFDS/Orbax chatter; --verbosity=0 shows it
   for name, flag in (('rho', _RHO), ('T', _T), ('iterations', _ITERATIONS),
                      ('batch_size', _BATCH)):
     _check_positive(name, flag.value)
@@ -133,11 +133,15 @@ def main(argv):
     _fail(str(e))
   output_dir = _output_dir(_WORKDIR.value)
 
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)  # Orbax logs its own errors on reads
   try:
     config, model, variables = training.load_checkpoint(
         _WORKDIR.value, which=_WHICH.value)
   except training.CheckpointError as e:
     _fail(str(e).splitlines()[0])
+  finally:
+    logging.set_verbosity(verbosity)
   info = data.dataset_info(config.dataset)
   split = _SPLIT.value or info.test_split
   devices = jax.device_count()
