@@ -26,7 +26,7 @@ Array = jax.Array
 # Default Theorem-2 margin ε, as a fraction of θ (the reference code's 0.001·θ).
 DEFAULT_EPSILON = 1e-3
 # Longest time axis whose scan is fully unrolled (see `_if_scan`).
-MAX_FULL_UNROLL = 48
+MAX_FULL_UNROLL = 16
 
 
 def qcfs(x: Array, threshold: Array, levels: int) -> Array:
