@@ -7,7 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from cos_jax.activation import Activation, SpikingConfig
-from cos_jax.models.common import avg_pool, batch_norm, conv3x3
+from cos_jax.models.common import conv_bn_act_blocks
 
 
 class SmallNet(nn.Module):
@@ -25,15 +25,10 @@ class SmallNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    index = 0
-    for stage in self.stages:
-      for features in stage:
-        x = conv3x3(features)(x)
-        x = batch_norm(train)(x)
-        x = Activation(self.levels, self.spiking, static_input=index == 0,
-                       threshold_init=self.threshold_init)(x)
-        index += 1
-      x = avg_pool(x)
+    x = conv_bn_act_blocks(x, self.stages, levels=self.levels,
+                           spiking=self.spiking,
+                           threshold_init=self.threshold_init, train=train,
+                           conv_bias=True)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden)(x)
     x = Activation(self.levels, self.spiking,

@@ -7,7 +7,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from cos_jax.activation import Activation, SpikingConfig
-from cos_jax.models.common import avg_pool, batch_norm, conv3x3
+from cos_jax.models.common import conv_bn_act_blocks
 
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512),
                 (512, 512, 512))
@@ -31,15 +31,10 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    index = 0
-    for block in self.blocks:
-      for features in block:
-        x = conv3x3(features, use_bias=True)(x)
-        x = batch_norm(train)(x)
-        x = Activation(self.levels, self.spiking, static_input=index == 0,
-                       threshold_init=self.threshold_init)(x)
-        index += 1
-      x = avg_pool(x)
+    x = conv_bn_act_blocks(x, self.blocks, levels=self.levels,
+                           spiking=self.spiking,
+                           threshold_init=self.threshold_init, train=train,
+                           conv_bias=True)
     x = x.reshape((x.shape[0], -1))
     for _ in range(2):
       x = nn.Dense(self.hidden)(x)
