@@ -59,7 +59,9 @@ def main(argv):
     _fail(f'unexpected arguments {" ".join(argv[1:])}: pass settings as '
           f'flags, e.g. --config.epochs=3')
   if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes.
+    # Orbax logs every file it writes (INFO) and TFDS warns about benign
+    # things; keep stderr for errors. --verbosity=0 shows everything.
+    logging.set_verbosity(logging.ERROR)
   # Both must happen before JAX initialises its backends.
   training.use_all_host_cores(_HOST_DEVICES.value)
   if _COORDINATOR.value or _NUM_PROCESSES.value:

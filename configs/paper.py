@@ -23,6 +23,7 @@ def paper_config(dataset: str, model: str) -> ml_collections.ConfigDict:
   lr, wd, levels, batch, stem = _DATASET[dataset]
   config.dataset = dataset
   config.model = model
+  config.model_kwargs = ml_collections.ConfigDict()  # the zoo's defaults
   config.levels = levels
   # The reference code trains its ResNets on ImageNet with the CIFAR stem
   # (conv3x3, no max-pool); set --config.stem=imagenet for the 7x7/2 stem.
