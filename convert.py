@@ -50,7 +50,7 @@ _EPSILON = flags.DEFINE_float('epsilon', 1e-3, 'Theorem-2 ε as a fraction '
 _ANALYSIS_T = flags.DEFINE_integer(
     'analysis_T', None, 'Window of the offset-spike analysis (default: the '
     "model's L, the paper's T = L).")
-_BATCH = flags.DEFINE_integer('batch_size', 250, 'Images per batch (all '
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Images per batch (all '
                               'devices together); bounds memory.')
 _NUM_EXAMPLES = flags.DEFINE_integer('num_examples', None,
                                      'Use only the first N examples.')
