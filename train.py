@@ -69,11 +69,15 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
 
-  from cos_jax import data  # pylint: disable=g-import-not-at-top
   try:
     training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (training.ConfigError, training.CheckpointError,
-          data.DatasetUnavailableError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # cos_jax.data (TensorFlow) is imported only once a config is valid.
+    data = sys.modules.get('cos_jax.data')
+    expected = (training.ConfigError, training.CheckpointError) + (
+        (data.DatasetUnavailableError,) if data else ())
+    if not isinstance(e, expected):
+      raise
     _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
 
 
