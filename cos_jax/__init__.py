@@ -1,7 +1,7 @@
 """cos_jax: ANN->SNN conversion with QCFS activations and calibrated offset spikes.
 
 Core (pure, jit-able):
-  qcfs, if_neuron, probe, shift_v0, calibrate_layer, offset_spikes, ratio_and_mse
+  qcfs, if_neuron, spike_train, probe, shift_v0, calibrate_layer, offset_spikes, ratio_and_mse
 Networks (a zoo model + its variables):
   models.get, init_v0, calibrate, simulate, evaluate_snn
 """
@@ -9,7 +9,8 @@ Networks (a zoo model + its variables):
 from cos_jax import models
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.neuron import (IFResult, ProbeStats, calibrate_layer, if_neuron,
-                            offset_spikes, probe, qcfs, ratio_and_mse, shift_v0)
+                            offset_spikes, probe, qcfs, ratio_and_mse, shift_v0,
+                            spike_train)
 from cos_jax.snn import (SNNRun, calibrate, evaluate_snn, init_v0, simulate,
                          spiking)
 
@@ -17,5 +18,5 @@ __all__ = [
     'Activation', 'IFResult', 'ProbeStats', 'SNNRun', 'SpikingConfig',
     'calibrate', 'calibrate_layer', 'evaluate_snn', 'if_neuron', 'init_v0',
     'models', 'offset_spikes', 'probe', 'qcfs', 'ratio_and_mse', 'shift_v0',
-    'simulate', 'spiking',
+    'simulate', 'spike_train', 'spiking',
 ]

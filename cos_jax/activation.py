@@ -44,6 +44,9 @@ class SpikingConfig:
     record_steps: if > 0, each layer sows into ``'intermediates'`` its spike
       count and summed input current over the first ``record_steps`` steps of
       its main run (for the offset-spike analyses).
+    keep_final_v: if True, each layer writes its potential after the last
+      step into the ``'v_end'`` collection (same tree as ``'v0'``), so a long
+      run can continue in time chunks from where this one stopped.
   """
   steps: int
   init: InitMode = 'given'
@@ -51,6 +54,7 @@ class SpikingConfig:
   iterations: int = 1
   epsilon: float = neuron.DEFAULT_EPSILON
   record_steps: int = 0
+  keep_final_v: bool = False
 
   def __post_init__(self):
     if self.steps < 1:
@@ -120,7 +124,11 @@ class Activation(nn.Module):
       v0_var.value = neuron.shift_v0(
           v0, neuron.probe(currents[:cfg.rho], threshold, v0), threshold,
           cfg.rho, cfg.epsilon)
-    spikes = neuron.spike_train(currents, threshold, v0)
+    spikes, v_end = neuron.spike_train(currents, threshold, v0,
+                                       return_final_v=True)
+    if cfg.keep_final_v:
+      # Same variable name as in 'v0', so v_end can be fed back as a v0 tree.
+      self.put_variable('v_end', 'v0', v_end)
     if cfg.record_steps:
       n = cfg.record_steps
       self.sow('intermediates', 'spike_count', spikes[:n].sum(0))

@@ -169,10 +169,14 @@ def if_neuron(currents: Array, threshold: Array,
 
 
 def spike_train(currents: Array, threshold: Array,
-                v0: Array | None = None) -> Array:
-  """Just the ``[T, ...]`` spikes of :func:`if_neuron` (no statistics kept)."""
-  return _if_scan(currents, threshold, v0, keep_spikes=True,
-                  keep_stats=False)[1]
+                v0: Array | None = None, *, return_final_v: bool = False):
+  """Just the ``[T, ...]`` spikes of :func:`if_neuron` (no statistics kept).
+
+  With ``return_final_v`` also returns v(T), so a run can resume from it.
+  """
+  carry, spikes = _if_scan(currents, threshold, v0, keep_spikes=True,
+                           keep_stats=False)
+  return (spikes, carry.v) if return_final_v else spikes
 
 
 def probe(currents: Array, threshold: Array,

@@ -134,6 +134,19 @@ def test_if_neuron_matches_numpy_oracle_spike_for_spike(
       atol=1e-12)
 
 
+def test_spike_train_resumed_from_its_final_v_continues_the_same_run():
+  """Two halves chained through return_final_v == one run (the oracle's)."""
+  currents = random_currents(7, 11, (3, 4), 1.5, np.float64)
+  with jax.enable_x64(True):
+    first, v_mid = cos_jax.spike_train(jnp.asarray(currents[:5]), 1.5,
+                                       return_final_v=True)
+    second, v_end = cos_jax.spike_train(jnp.asarray(currents[5:]), 1.5, v_mid,
+                                        return_final_v=True)
+  want_spikes, want_v = if_oracle(currents, 1.5, 0.75)
+  np.testing.assert_array_equal(np.concatenate([first, second]), want_spikes)
+  np.testing.assert_allclose(v_end, want_v, rtol=1e-12, atol=1e-12)
+
+
 @PROPERTY
 @given(seed=SEEDS, steps=STEPS, shape=SHAPES, threshold=THRESHOLDS,
        dtype=st.sampled_from(['float32', 'float64']))

@@ -198,6 +198,29 @@ def test_fused_equals_simulate_of_calibrate_including_rho_above_T(small):
                  run.v0, v0)
 
 
+def test_time_chunks_do_not_change_the_run(small):
+  """Carrying membrane potentials across time chunks reproduces one long run,
+  including chunks shorter than ρ, a remainder chunk and recorded steps."""
+  model, variables, images = small
+  whole = cos_jax.simulate(model, variables, images, T=11, time_chunk=None)
+  for chunk in (1, 3, 8):
+    np.testing.assert_allclose(
+        cos_jax.simulate(model, variables, images, T=11, time_chunk=chunk),
+        whole, rtol=1e-5, atol=1e-5)
+  for init in ('cos', 'lightweight', 'half'):
+    runs = [cos_jax.evaluate_snn(model, variables, images, T=10, rho=4,
+                                 init=init, record_steps=5, time_chunk=chunk)
+            for chunk in (None, 3)]
+    np.testing.assert_allclose(runs[1].outputs, runs[0].outputs, rtol=1e-5,
+                               atol=1e-5)
+    for a, b in ((runs[1].v0, runs[0].v0),
+                 (runs[1].intermediates, runs[0].intermediates)):
+      jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5),
+                   a, b)
+  with pytest.raises(ValueError, match='time_chunk'):
+    cos_jax.simulate(model, variables, images, T=4, time_chunk=0)
+
+
 def test_calibration_changes_v0_and_global_differs_from_layerwise(small):
   model, variables, images = small
   half = cos_jax.init_v0(model, variables, images)
