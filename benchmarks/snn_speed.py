@@ -10,16 +10,25 @@ Memory comes from XLA's compiled memory analysis (temporary buffers): the
 extra memory of calibration is ``fused COS(ρ, T) - simulate(T)`` for several
 ρ ≤ T; it should be O(neurons × batch) and not grow with ρ.
 
+Time chunks: ``simulate(T=--chunk_T)`` run as one time-folded block and in
+chunks of each ``--time_chunks`` size (membrane potentials carried between
+chunks; identical spikes), timed in alternation, with their compiled temp
+memory, as ratios to the one-block run.
+
   python benchmarks/snn_speed.py --model small --batch 256 --rho 8 --T 8
+  python benchmarks/snn_speed.py --batch 64 --chunk_T 32 --time_chunks none,4,8,16
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string('model', 'small', 'Zoo architecture.')
 flags.DEFINE_integer('batch', 256, 'Global batch (sharded over devices).')
@@ -28,6 +37,10 @@ flags.DEFINE_integer('T', 8, 'Simulation steps.')
 flags.DEFINE_integer('levels', 4, 'QCFS levels.')
 flags.DEFINE_integer('repeats', 7, 'Timed repetitions of each function.')
 flags.DEFINE_integer('host_devices', 0, 'XLA host devices (0 = all cores).')
+flags.DEFINE_integer('chunk_T', 32, 'Simulation length of the time-chunk '
+                     'comparison.')
+flags.DEFINE_list('time_chunks', ['none', '8'], 'Chunk sizes to compare '
+                  '("none" = one block); empty to skip.')
 FLAGS = flags.FLAGS
 
 
@@ -91,6 +104,36 @@ def main(argv):
         model, v, x, T=T, rho=r).outputs)
     print(f'  fused COS rho={probe_steps:<3d} {fused:8.1f} MiB  '
           f'extra over simulate: {fused - simulate_mib:+8.1f} MiB')
+
+  if not FLAGS.time_chunks:
+    return
+  chunks = [None if c == 'none' else int(c) for c in FLAGS.time_chunks]
+  long_T = FLAGS.chunk_T
+  runs = {c: jax.jit(lambda v, x, c=c: cos_jax.simulate(
+      model, v, x, T=long_T, time_chunk=c)) for c in chunks}
+  reference = None
+  for c, fn in runs.items():  # compile, warm up, check identical outputs
+    out = np.asarray(fn(variables, images))
+    reference = out if reference is None else reference
+    if not np.array_equal(out, reference):
+      print(f'  WARNING: time_chunk={c} output differs from the first run')
+  chunk_times = {c: [] for c in chunks}
+  for _ in range(FLAGS.repeats):
+    for c, fn in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(variables, images))
+      chunk_times[c].append(time.perf_counter() - start)
+  base = statistics.median(chunk_times[chunks[0]])
+  print(f'\nsimulate(T={long_T}) by time chunk (ratios to '
+        f'time_chunk={chunks[0]}):')
+  base_mib = temp_mib(lambda v, x: cos_jax.simulate(
+      model, v, x, T=long_T, time_chunk=chunks[0]))
+  for c in chunks:
+    t = statistics.median(chunk_times[c])
+    mib = temp_mib(lambda v, x, c=c: cos_jax.simulate(
+        model, v, x, T=long_T, time_chunk=c))
+    print(f'  time_chunk={str(c):<5} {t * 1e3:9.1f} ms  time x{t / base:5.2f}'
+          f'  temp {mib:8.1f} MiB  x{mib / base_mib:5.2f}')
 
 
 if __name__ == '__main__':

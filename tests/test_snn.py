@@ -221,6 +221,18 @@ def test_time_chunks_do_not_change_the_run(small):
     cos_jax.simulate(model, variables, images, T=4, time_chunk=0)
 
 
+def test_one_step_from_half_threshold_is_the_binary_ann(small):
+  """At T = 1 from θ/2 a neuron fires iff I ≥ θ/2, i.e. floor(I/θ + 1/2) ≥ 1:
+  the SNN equals the same network as a QCFS ANN with L = 1 (an independent
+  path: no scan, no time folding). This is what bounds every method at T = 1."""
+  model, variables, images = small
+  binary_ann = model.clone(levels=1).apply(variables, images)
+  np.testing.assert_allclose(cos_jax.simulate(model, variables, images, T=1)[0],
+                             binary_ann, rtol=1e-4, atol=1e-4)
+  # And it is not the L = 4 ANN, so the comparison can fail.
+  assert not np.allclose(binary_ann, model.apply(variables, images), atol=1e-2)
+
+
 def test_calibration_changes_v0_and_global_differs_from_layerwise(small):
   model, variables, images = small
   half = cos_jax.init_v0(model, variables, images)
