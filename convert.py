@@ -64,6 +64,10 @@ _HOST_DEVICES = flags.DEFINE_integer(
     'host_devices', 0, 'XLA CPU devices to split the host into (0 = one per '
     'core); only affects the CPU backend.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of --init random.')
+_TIME_CHUNK = flags.DEFINE_integer(
+    'time_chunk', 8, 'Simulate this many steps at a time, carrying membrane '
+    'potentials (same spikes; bounds memory by the chunk). 0 = all T steps '
+    'in one block, which can be faster on accelerators.')
 
 
 def _fail(message: str) -> None:
@@ -115,6 +119,9 @@ def main(argv):
     _check_positive(name, flag.value)
   _check_positive('num_examples', _NUM_EXAMPLES.value, allow_none=True)
   _check_positive('analysis_T', _ANALYSIS_T.value, allow_none=True)
+  if _TIME_CHUNK.value < 0:
+    _fail(f'--time_chunk must be >= 0 (0 = one block), got '
+          f'{_TIME_CHUNK.value}')
   if _HOST_DEVICES.value < 0:
     _fail(f'--host_devices must be >= 0, got {_HOST_DEVICES.value}')
   training.use_all_host_cores(_HOST_DEVICES.value)
@@ -126,7 +133,8 @@ def main(argv):
   settings = conversion.ConversionSettings(
       rho=_RHO.value, T=_T.value, iterations=_ITERATIONS.value,
       schedule=_SCHEDULE.value, inits=tuple(_INIT.value),
-      epsilon=_EPSILON.value, analysis_T=_ANALYSIS_T.value, seed=_SEED.value)
+      epsilon=_EPSILON.value, analysis_T=_ANALYSIS_T.value, seed=_SEED.value,
+      time_chunk=_TIME_CHUNK.value or None)
   try:
     settings.validate()
   except ValueError as e:

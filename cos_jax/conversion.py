@@ -53,6 +53,8 @@ class ConversionSettings:
   epsilon: float = neuron.DEFAULT_EPSILON
   analysis_T: int | None = None   # None: the model's L (the paper's T = L)
   seed: int = 0
+  # Steps simulated at a time (potentials carried over); None = one block.
+  time_chunk: int | None = snn.DEFAULT_TIME_CHUNK
 
   def validate(self) -> None:
     for name in ('rho', 'T', 'iterations'):
@@ -72,6 +74,9 @@ class ConversionSettings:
     if self.analysis_T is not None and self.analysis_T < 1:
       raise ValueError(f'--analysis_T must be a positive integer, got '
                        f'{self.analysis_T}')
+    if self.time_chunk is not None and self.time_chunk < 1:
+      raise ValueError(f'--time_chunk must be >= 1 (0 on the command line '
+                       f'for one block), got {self.time_chunk}')
 
 
 def report_steps(T: int) -> list[int]:
@@ -92,13 +97,13 @@ def _correct_per_step(outputs, labels, mask):
 
 @functools.partial(jax.jit, static_argnames=('model', 'init', 'steps', 'rho',
                                              'iterations', 'schedule',
-                                             'epsilon'))
+                                             'epsilon', 'time_chunk'))
 def _snn_correct(model, variables, images, labels, mask, key, *, init, steps,
-                 rho, iterations, schedule, epsilon):
+                 rho, iterations, schedule, epsilon, time_chunk):
   run = snn.evaluate_snn(model, variables, images, T=steps, init=init,
                          rho=rho if init in CALIBRATED else None,
                          iterations=iterations, schedule=schedule,
-                         epsilon=epsilon, key=key)
+                         epsilon=epsilon, key=key, time_chunk=time_chunk)
   return _correct_per_step(run.outputs, labels, mask)
 
 
@@ -178,7 +183,7 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
           model, variables, images, labels, mask, batch_key, init=init,
           steps=_method_steps(init, settings), rho=settings.rho,
           iterations=settings.iterations, schedule=settings.schedule,
-          epsilon=settings.epsilon)))
+          epsilon=settings.epsilon, time_chunk=settings.time_chunk)))
     # Offset spikes in the theorems' setting ρ = T = L (paper Fig. 3,
     # Table 3), before and after COS; the probe here spans the analysis
     # window, whatever --rho the accuracy runs use.

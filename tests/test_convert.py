@@ -103,6 +103,7 @@ def _expect_usage_error(result, *words):
     (['--iterations', '0'], ['--iterations']),
     (['--init', 'cos,best'], ['--init']),
     (['--num_examples', '0'], ['--num_examples']),
+    (['--time_chunk', '-1'], ['--time_chunk']),
     (['--workdir', '/nonexistent/run'], ['/nonexistent/run', 'train.py']),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tiny_workdir, tmp_path, args,
