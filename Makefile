@@ -33,4 +33,5 @@ test: setup
 	$(PYTHON) -m pytest -n 2 --dist loadfile -q tests
 
 benchmark: setup
-	$(PYTHON) benchmarks/snn_speed.py --model small --batch 256 --rho 8 --T 8
+	$(PYTHON) benchmarks/snn_speed.py --batch 64 --rho 8 --T 8 --chunk_T 32 --time_chunks none,4,8,16
+	$(PYTHON) benchmarks/train_throughput.py
