@@ -67,17 +67,20 @@ def main(argv):
 
   ann = jax.jit(lambda v, x: model.apply(v, x))
   cos = lambda v, x: cos_jax.evaluate_snn(model, v, x, T=T, rho=rho).outputs
-  fns = {'ann': ann, 'snn_cos': cos}
-  for fn in fns.values():  # compile + warm up
-    jax.block_until_ready(fn(variables, images))
-  times = {name: [] for name in fns}
-  for _ in range(FLAGS.repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
+  def median_seconds(fns):
+    """Median time of each fn(variables, images), runs alternating."""
+    for fn in fns.values():  # compile + warm up
       jax.block_until_ready(fn(variables, images))
-      times[name].append(time.perf_counter() - start)
-  ann_s = statistics.median(times['ann'])
-  snn_s = statistics.median(times['snn_cos'])
+    times = {name: [] for name in fns}
+    for _ in range(FLAGS.repeats):
+      for name, fn in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(variables, images))
+        times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+  seconds = median_seconds({'ann': ann, 'snn_cos': cos})
+  ann_s, snn_s = seconds['ann'], seconds['snn_cos']
   steps = max(rho, T)
   print(f'devices={jax.device_count()} model={FLAGS.model} '
         f'batch={FLAGS.batch} rho={rho} T={T}')
@@ -111,25 +114,18 @@ def main(argv):
   long_T = FLAGS.chunk_T
   runs = {c: jax.jit(lambda v, x, c=c: cos_jax.simulate(
       model, v, x, T=long_T, time_chunk=c)) for c in chunks}
-  reference = None
-  for c, fn in runs.items():  # compile, warm up, check identical outputs
-    out = np.asarray(fn(variables, images))
-    reference = out if reference is None else reference
-    if not np.array_equal(out, reference):
+  reference = np.asarray(runs[chunks[0]](variables, images))
+  for c, fn in runs.items():
+    if not np.array_equal(np.asarray(fn(variables, images)), reference):
       print(f'  WARNING: time_chunk={c} output differs from the first run')
-  chunk_times = {c: [] for c in chunks}
-  for _ in range(FLAGS.repeats):
-    for c, fn in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(variables, images))
-      chunk_times[c].append(time.perf_counter() - start)
-  base = statistics.median(chunk_times[chunks[0]])
+  chunk_seconds = median_seconds(runs)
+  base = chunk_seconds[chunks[0]]
   print(f'\nsimulate(T={long_T}) by time chunk (ratios to '
         f'time_chunk={chunks[0]}):')
   base_mib = temp_mib(lambda v, x: cos_jax.simulate(
       model, v, x, T=long_T, time_chunk=chunks[0]))
   for c in chunks:
-    t = statistics.median(chunk_times[c])
+    t = chunk_seconds[c]
     mib = temp_mib(lambda v, x, c=c: cos_jax.simulate(
         model, v, x, T=long_T, time_chunk=c))
     print(f'  time_chunk={str(c):<5} {t * 1e3:9.1f} ms  time x{t / base:5.2f}'
