@@ -61,6 +61,7 @@ def offset_spike_histograms(result: dict) -> bytes:
   colors = plt.cm.coolwarm(np.linspace(0, 1, len(offsets)))
   fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4.2))
   x = np.arange(len(names))
+  tallest = 0.0
   for shift, (label, stats, hatch) in enumerate(
       (('before', before, ''), ('after', after, '//'))):
     bottom = np.zeros(len(names))
@@ -70,6 +71,9 @@ def offset_spike_histograms(result: dict) -> bytes:
              color=color, hatch=hatch, edgecolor='k', linewidth=0.3,
              label=f'ψ={offset:+d}' if shift == 0 else None)
       bottom += share
+    tallest = max(tallest, bottom.max())
+  # Headroom for the legend; an all-zero plot still gets a visible axis.
+  ax.set_ylim(0, 1.25 * tallest if tallest > 0 else 1)
   ax.set_xticks(x, [f'L{i + 1}' for i in range(len(names))])
   ax.set_ylabel('neurons with ψ ≠ 0 (%)')
   ax.set_title(f'offset spikes per layer over T={result["analysis_T"]}: '
