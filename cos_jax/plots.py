@@ -66,7 +66,10 @@ def offset_spike_histograms(result: dict) -> bytes:
       (('before', before, ''), ('after', after, '//'))):
     bottom = np.zeros(len(names))
     for offset, color in zip(offsets, colors):
-      share = 100 * np.array([stats[n]['histogram'][offset] for n in names])
+      # int(ψ) keys in-process, str keys once results.json is read back.
+      share = 100 * np.array([
+          {int(k): v for k, v in stats[n]['histogram'].items()}[offset]
+          for n in names])
       ax.bar(x + (shift - 0.5) * 0.38, share, 0.36, bottom=bottom,
              color=color, hatch=hatch, edgecolor='k', linewidth=0.3,
              label=f'ψ={offset:+d}' if shift == 0 else None)

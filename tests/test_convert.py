@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cos_jax
-from cos_jax import conversion, data, training
+from cos_jax import conversion, data, plots, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +50,8 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
   with open(os.path.join(out, 'results.json')) as f:
     doc = json.load(f)
   assert doc['examples'] == 300 and doc['devices'] == 2
+  # The histograms can be re-plotted from the JSON (str keys there).
+  assert plots.offset_spike_histograms(doc)[:8] == b'\x89PNG\r\n\x1a\n'
   # Calibrated methods are reported at T, the others up to T + ρ.
   assert len(doc['curves']['cos']) == 8
   assert len(doc['curves']['half']) == len(doc['curves']['random']) == 12
