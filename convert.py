@@ -119,9 +119,6 @@ def main(argv):
     _check_positive(name, flag.value)
   _check_positive('num_examples', _NUM_EXAMPLES.value, allow_none=True)
   _check_positive('analysis_T', _ANALYSIS_T.value, allow_none=True)
-  if _TIME_CHUNK.value < 0:
-    _fail(f'--time_chunk must be >= 0 (0 = one block), got '
-          f'{_TIME_CHUNK.value}')
   if _HOST_DEVICES.value < 0:
     _fail(f'--host_devices must be >= 0, got {_HOST_DEVICES.value}')
   training.use_all_host_cores(_HOST_DEVICES.value)

@@ -64,12 +64,12 @@ def offset_spike_histograms(result: dict) -> bytes:
   tallest = 0.0
   for shift, (label, stats, hatch) in enumerate(
       (('before', before, ''), ('after', after, '//'))):
+    # int(ψ) keys in-process, str keys once results.json is read back.
+    histograms = [{int(k): v for k, v in stats[n]['histogram'].items()}
+                  for n in names]
     bottom = np.zeros(len(names))
     for offset, color in zip(offsets, colors):
-      # int(ψ) keys in-process, str keys once results.json is read back.
-      share = 100 * np.array([
-          {int(k): v for k, v in stats[n]['histogram'].items()}[offset]
-          for n in names])
+      share = 100 * np.array([h[offset] for h in histograms])
       ax.bar(x + (shift - 0.5) * 0.38, share, 0.36, bottom=bottom,
              color=color, hatch=hatch, edgecolor='k', linewidth=0.3,
              label=f'ψ={offset:+d}' if shift == 0 else None)

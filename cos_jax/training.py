@@ -538,6 +538,9 @@ def _manager(directory: str, *, max_to_keep: int, create: bool,
                                item_handlers=handlers)
 
 
+_TMP_MARK = '.orbax-checkpoint-tmp'
+
+
 def remove_unfinished_checkpoints(directory: str) -> list[str]:
   """Deletes the temporary dirs of saves that were killed before finalizing.
 
@@ -554,9 +557,6 @@ def remove_unfinished_checkpoints(directory: str) -> list[str]:
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         removed.append(name)
   return removed
-
-
-_TMP_MARK = '.orbax-checkpoint-tmp'
 
 
 def _variables(state: TrainState) -> dict:
@@ -807,16 +807,18 @@ class _Sums:
 def evaluate(p_eval_step, state, config, plan, data_sharding) -> dict:
   """Test loss/accuracy of ``state`` over the whole (possibly capped) split."""
   totals = {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+
+  def add(sums):
+    if sums is not None:
+      for k, v in jax.device_get(sums).items():
+        totals[k] += float(v)
+
   pending = None
   for batch in eval_batches(config, plan):
     sums = p_eval_step(state, _to_global(batch, data_sharding))
-    if pending is not None:  # fetch one batch late: keeps the device busy
-      for k, v in jax.device_get(pending).items():
-        totals[k] += float(v)
+    add(pending)  # fetch one batch late: keeps the device busy
     pending = sums
-  if pending is not None:
-    for k, v in jax.device_get(pending).items():
-      totals[k] += float(v)
+  add(pending)
   count = float(totals['count'])
   if plan.num_test is not None and int(round(count)) != plan.num_test:
     logging.warning('evaluated %d test examples, expected %d', count,
