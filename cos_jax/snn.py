@@ -31,9 +31,9 @@ INITS = ('cos', 'half', 'lightweight', 'zero', 'random')
 # layer's membrane potential from one chunk to the next. The time-folded
 # activations of one chunk ([B·chunk, ...]) then stay cache-sized on a CPU and
 # memory is bounded by the chunk instead of by T. Measured on the 2-core CPU
-# (README): a 16/32/64 SmallNet's T=40 run at batch 64 took 156 ms in chunks of 8
-# against 579 ms as one block; chunks of 16 are no faster than one block.
-# None = one block.
+# by benchmarks/snn_speed.py (README): simulate(T=32) at batch 64 took x0.52
+# the time and x0.14 the memory of one block in chunks of 8; chunks of 16 are
+# barely faster than one block. None = one block.
 DEFAULT_TIME_CHUNK = 8
 
 
