@@ -12,28 +12,21 @@ every host (each host then reads its own shard of the data).
 """
 
 import os
-import sys
 
-# TensorFlow (used by the TFDS input pipeline) is noisy on stderr.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
-from absl import logging
 import jax
-from ml_collections import config_flags
 
-from cos_jax import training
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                               'configs', 'default.py')
+from cos_jax import cli, training
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, config.json, log.jsonl and '
     'TensorBoard summaries; an existing run there is resumed.')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Training configuration file (configs/*.py); '
-    'fields can be overridden, e.g. --config.epochs=3.', lock_config=True)
+_CONFIG = cli.define_config(
+    'train.py', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             'configs', 'default.py'),
+    'Training configuration file (configs/*.py); fields can be overridden, '
+    'e.g. --config.epochs=3.')
 _HOST_DEVICES = flags.DEFINE_integer(
     'host_devices', 0, 'Number of XLA CPU devices to split the host into '
     '(0 = one per core). Only affects runs on the CPU backend.', lower_bound=0)
@@ -48,38 +41,16 @@ _PROCESS_ID = flags.DEFINE_integer(
 flags.mark_flags_as_required(['workdir'])
 
 
-def _fail(message: str) -> None:
-  sys.stderr.write(f'train.py: error: {message}\n')
-  sys.stderr.flush()
-  sys.exit(2)
-
-
 def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {" ".join(argv[1:])}: pass settings as '
-          f'flags, e.g. --config.epochs=3')
-  if not flags.FLAGS['verbosity'].present:
-    # Orbax logs every file it writes (INFO) and TFDS warns about benign
-    # things; keep stderr for errors. --verbosity=0 shows everything.
-    logging.set_verbosity(logging.ERROR)
-  # Both must happen before JAX initialises its backends.
-  training.use_all_host_cores(_HOST_DEVICES.value)
+  del argv
+  cli.start(_HOST_DEVICES.value)
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-
-  try:
+  with cli.one_line_errors('train.py'):
     training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except Exception as e:  # pylint: disable=broad-except
-    # cos_jax.data (TensorFlow) is imported only once a config is valid.
-    data = sys.modules.get('cos_jax.data')
-    expected = (training.ConfigError, training.CheckpointError) + (
-        (data.DatasetUnavailableError,) if data else ())
-    if not isinstance(e, expected):
-      raise
-    _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train.py'))

@@ -34,18 +34,19 @@ _BATCH = flags.DEFINE_integer('batch_size', 1000, 'Evaluation batch size.')
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # Orbax/TFDS chatter
-  from cos_jax import training  # pylint: disable=g-import-not-at-top
-  training.use_all_host_cores()
+  from cos_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.use_all_host_cores()
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import cos_jax  # pylint: disable=g-import-not-at-top
-  from cos_jax import data, neuron  # pylint: disable=g-import-not-at-top
+  from cos_jax import checkpoints, data, neuron  # pylint: disable=g-import-not-at-top
+  from cos_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  config, model, variables = training.load_checkpoint(_WORKDIR.value)
+  config, model, variables = checkpoints.load_checkpoint(_WORKDIR.value)
   variables = {k: variables[k] for k in ('params', 'batch_stats')}
-  batches = list(data.make_dataset(config.dataset,
+  batches = list(pipeline.make_dataset(config.dataset,
                                    data.dataset_info(config.dataset).test_split,
                                    batch_size=_BATCH.value, train=False))
   names = list(cos_jax.init_v0(model, variables, batches[0]['image'][:1]))

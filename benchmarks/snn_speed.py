@@ -47,8 +47,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_num_cpu_devices',
-                    FLAGS.host_devices or os.cpu_count() or 1)
+  from cos_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.use_all_host_cores(FLAGS.host_devices)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top

@@ -38,26 +38,18 @@ _WORKER = flags.DEFINE_integer(
     'worker', None, 'Internal: measure in this process with N host devices.')
 
 
-def _cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def measure(config, seconds: float) -> dict:
   """Images/s of the sharded train step on synthetic data (this process)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from cos_jax import training  # pylint: disable=g-import-not-at-top
-  from cos_jax import data  # pylint: disable=g-import-not-at-top
+  from cos_jax import data, runtime, train_config, training  # pylint: disable=g-import-not-at-top
 
   info = data.dataset_info(config.dataset)
-  training.validate_config(config)
-  training.check_devices(config)
-  model = training.create_model(config, info.num_classes)
-  mesh = training.make_mesh()
+  train_config.validate_config(config)
+  train_config.check_devices(config)
+  model = train_config.create_model(config, info.num_classes)
+  mesh = runtime.make_mesh()
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   tx = training.create_optimizer(config, steps_per_epoch=1000)
   state = jax.jit(lambda key: training.create_train_state(
@@ -92,16 +84,16 @@ def measure(config, seconds: float) -> dict:
 
 def main(argv):
   del argv
+  from cos_jax import runtime  # pylint: disable=g-import-not-at-top
   if _WORKER.value is not None:
-    from cos_jax import training  # pylint: disable=g-import-not-at-top
-    training.use_all_host_cores(_WORKER.value)
+    runtime.use_all_host_cores(_WORKER.value)
     print('RESULT ' + json.dumps(measure(_CONFIG.value, _SECONDS.value)))
     return
-  counts = [int(c) for c in (_DEVICES.value or ['1', str(_cores())])]
+  counts = [int(c) for c in (_DEVICES.value or ['1', str(runtime.usable_cores())])]
   overrides = [a for a in sys.argv[1:] if a.startswith('--config')]
   c = _CONFIG.value
   print(f'{c.model} (L={c.levels}, {dict(c.model_kwargs)}) on {c.dataset}-sized '
-        f'inputs, global batch {c.batch_size}, {_cores()} cores, '
+        f'inputs, global batch {c.batch_size}, {runtime.usable_cores()} cores, '
         f'{_SECONDS.value:.0f} s per setting')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)

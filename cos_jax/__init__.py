@@ -4,19 +4,22 @@ Core (pure, jit-able):
   qcfs, if_neuron, spike_train, probe, shift_v0, calibrate_layer, offset_spikes, ratio_and_mse
 Networks (a zoo model + its variables):
   models.get, init_v0, calibrate, simulate, evaluate_snn
+Settings: Calibration (validated once, hashable), methods.METHODS (the v0 methods)
 """
 
-from cos_jax import models
+from cos_jax import methods, models
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.neuron import (IFResult, ProbeStats, calibrate_layer, if_neuron,
                             offset_spikes, probe, qcfs, ratio_and_mse, shift_v0,
                             spike_train)
+from cos_jax.settings import Calibration, SettingsError
 from cos_jax.snn import (SNNRun, calibrate, evaluate_snn, init_v0, simulate,
                          spiking)
 
 __all__ = [
-    'Activation', 'IFResult', 'ProbeStats', 'SNNRun', 'SpikingConfig',
-    'calibrate', 'calibrate_layer', 'evaluate_snn', 'if_neuron', 'init_v0',
-    'models', 'offset_spikes', 'probe', 'qcfs', 'ratio_and_mse', 'shift_v0',
-    'simulate', 'spike_train', 'spiking',
+    'Activation', 'Calibration', 'IFResult', 'ProbeStats', 'SNNRun',
+    'SettingsError', 'SpikingConfig', 'calibrate', 'calibrate_layer',
+    'evaluate_snn', 'if_neuron', 'init_v0', 'methods', 'models',
+    'offset_spikes', 'probe', 'qcfs', 'ratio_and_mse', 'shift_v0', 'simulate',
+    'spike_train', 'spiking',
 ]

@@ -15,32 +15,27 @@ and the SNN share one parameter tree. What it computes depends on the model's
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cos_jax import neuron
-
-# How a spiking layer obtains its initial potential before its main run:
-#   given       use the 'v0' collection as it is (default θ/2 when absent);
-#   cos         layer-wise COS: calibrate from the first ρ input steps, then run;
-#   lightweight layer-wise v(0) <- v(ρ) (paper A.5), then run;
-#   global      run from the given v0, and write back one COS shift computed
-#               from this run's first ρ steps (the network-wide online schedule).
-InitMode = Literal['given', 'cos', 'lightweight', 'global']
+from cos_jax import methods, neuron
+from cos_jax.settings import Calibration
 
 
 @dataclasses.dataclass(frozen=True)
 class SpikingConfig:
-  """Static settings of a spiking forward pass (hashable: safe as a jit static).
+  """Static settings of one spiking forward pass (hashable: a jit static).
 
   Attributes:
     steps: time-steps every IF layer runs (and the length of the output).
-    init: how each layer sets v(0) before its run (see ``InitMode``).
-    rho: probe length ρ for ``cos`` / ``lightweight`` / ``global``.
-    iterations: COS probe/shift rounds per layer.
-    epsilon: Theorem-2 ε as a fraction of θ.
+    method: how each layer sets v(0) before its run, a key of
+      :data:`cos_jax.methods.METHODS`; ``None`` runs from the ``'v0'``
+      collection as given (θ/2 where it is absent).
+    calibration: ρ, rounds, schedule and ε of a calibrated method. Under the
+      layerwise schedule a layer calibrates, then runs from the new v(0);
+      under the global schedule it runs from the given v(0) (the run is the
+      probe) and writes one round's result back to ``'v0'``.
     record_steps: if > 0, each layer sows into ``'intermediates'`` its spike
       count and summed input current over the first ``record_steps`` steps of
       its main run (for the offset-spike analyses).
@@ -49,25 +44,40 @@ class SpikingConfig:
       run can continue in time chunks from where this one stopped.
   """
   steps: int
-  init: InitMode = 'given'
-  rho: int = 0
-  iterations: int = 1
-  epsilon: float = neuron.DEFAULT_EPSILON
+  method: str | None = None
+  calibration: Calibration | None = None
   record_steps: int = 0
   keep_final_v: bool = False
 
   def __post_init__(self):
     if self.steps < 1:
       raise ValueError(f'steps must be >= 1, got {self.steps}')
-    if self.init in ('cos', 'lightweight', 'global'):
-      if not 1 <= self.rho <= self.steps:
-        raise ValueError(
-            f'rho must be in [1, steps={self.steps}] for init={self.init!r}; '
-            f'got {self.rho}')
-    elif self.init != 'given':
-      raise ValueError(f'unknown init mode {self.init!r}')
-    if self.record_steps > self.steps:
-      raise ValueError('record_steps must not exceed steps')
+    if self.method is not None and methods.get(self.method).calibrated:
+      if self.calibration is None or self.calibration.rho > self.steps:
+        raise ValueError(f'method {self.method!r} needs a Calibration with '
+                         f'rho <= steps={self.steps}; got {self.calibration}')
+    if not 0 <= self.record_steps <= self.steps:
+      raise ValueError('record_steps must lie in [0, steps]')
+
+  @property
+  def probe_steps(self) -> int:
+    """Input steps a layer's v(0) rule looks at (ρ, or 1 for a fill)."""
+    return self.calibration.rho if self._calibrated else 1
+
+  @property
+  def runs_from_new_v0(self) -> bool:
+    return not self._calibrated or self.calibration.schedule == 'layerwise'
+
+  @property
+  def rounds(self) -> int:
+    """Rounds per pass: all of them layerwise, one per pass globally."""
+    if not self._calibrated:
+      return 0
+    return self.calibration.iterations if self.runs_from_new_v0 else 1
+
+  @property
+  def _calibrated(self) -> bool:
+    return self.method is not None and methods.get(self.method).calibrated
 
 
 class Activation(nn.Module):
@@ -110,20 +120,15 @@ class Activation(nn.Module):
     v0_var = self.variable('v0', 'v0', neuron.half_threshold, threshold,
                            currents[0])
     v0 = v0_var.value
-    if cfg.init == 'cos':
-      v0 = neuron.calibrate_layer(currents[:cfg.rho], threshold, v0,
-                                  iterations=cfg.iterations,
-                                  epsilon=cfg.epsilon)
-      v0_var.value = v0
-    elif cfg.init == 'lightweight':
-      v0 = neuron.probe(currents[:cfg.rho], threshold, v0).v
-      v0_var.value = v0
-    elif cfg.init == 'global':
-      # One network-wide COS round: shift from this run's first ρ steps; the
-      # run below still starts from the unshifted v0 (it is the probe).
-      v0_var.value = neuron.shift_v0(
-          v0, neuron.probe(currents[:cfg.rho], threshold, v0), threshold,
-          cfg.rho, cfg.epsilon)
+    if cfg.method is not None:
+      key = (self.make_rng('v0') if methods.get(cfg.method).needs_key
+             else None)
+      new_v0 = methods.layer_v0(cfg.method, currents[:cfg.probe_steps],
+                                threshold, v0, cfg.calibration, cfg.rounds,
+                                key)
+      v0_var.value = new_v0
+      if cfg.runs_from_new_v0:
+        v0 = new_v0
     spikes, v_end = neuron.spike_train(currents, threshold, v0,
                                        return_final_v=True)
     if cfg.keep_final_v:

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cos_jax import neuron, snn
+from cos_jax import methods, neuron, snn
+from cos_jax.settings import Calibration
 
 PyTree = Any
 # Histograms cover ψ in [-MAX_OFFSET, MAX_OFFSET]; larger |ψ| land on the ends.
@@ -60,16 +61,16 @@ def _psi_stats(psi: jax.Array, weights: jax.Array,
           'squared_error': jnp.sum(weights * psi.astype(jnp.float32) ** 2)}
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'model', 'T', 'init', 'rho', 'iterations', 'schedule', 'epsilon'))
-def _layer_statistics(model, variables, images, mask, key, *, T, init, rho,
-                      iterations, schedule, epsilon):
+@functools.partial(jax.jit, static_argnames=('model', 'T', 'method',
+                                             'calibration'))
+def statistics(model, variables, images, mask, key, *, T: int, method: str,
+               calibration: Calibration | None):
+  """:func:`layer_statistics` on settings already validated (no checks)."""
   _, ann_state = model.apply(
       {k: variables[k] for k in ('params', 'batch_stats')}, images,
       train=False, mutable=['intermediates'])
-  run = snn.evaluate_snn(model, variables, images, T=T, init=init, rho=rho,
-                         iterations=iterations, schedule=schedule,
-                         epsilon=epsilon, key=key, record_steps=T)
+  run = snn.run_method(model, variables, images, key, T=T, method=method,
+                       calibration=calibration, record_steps=T)
   ann = _sown(ann_state['intermediates'], 'ann_output')
   counts = _sown(run.intermediates, 'spike_count')
   current_sums = _sown(run.intermediates, 'current_sum')
@@ -120,14 +121,12 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
     ``spikes`` and ``neurons`` (for firing rates); ``outputs`` is the
     ``[T, B, C]`` SNN output of the same run.
   """
-  if init in ('cos', 'lightweight') and (rho is None or rho < 1):
-    raise ValueError(f'init={init!r} needs rho >= 1, got {rho!r}')
+  calibration = methods.calibration_for(init, rho, iterations, schedule,
+                                        epsilon)
   if mask is None:
     mask = jnp.ones(images.shape[:1], jnp.int32)
-  return _layer_statistics(model, variables, images, mask, key, T=T, init=init,
-                           rho=rho if init in ('cos', 'lightweight') else None,
-                           iterations=iterations, schedule=schedule,
-                           epsilon=float(epsilon))
+  return statistics(model, variables, images, mask, key, T=T, method=init,
+                    calibration=calibration)
 
 
 def accumulate(total: dict | None, stats: dict) -> dict:

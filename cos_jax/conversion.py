@@ -1,10 +1,9 @@
-"""Converting a trained QCFS ANN to an IF SNN and measuring it on a dataset.
+"""Measuring a converted network: ANN and SNN accuracy per T, offset spikes.
 
-:func:`convert_and_evaluate` is what ``convert.py`` runs: for every batch of the
-split it computes the ANN's accuracy, the SNN's accuracy at every time-step for
-each initialisation (COS and the comparison ones), and the per-layer offset-
-spike statistics before and after calibration. :func:`write_results` turns the
-result into ``results.json``, ``results.csv`` and PNG figures.
+:func:`convert_and_evaluate` runs, for every batch of a split, the ANN, the SNN
+under each v0 method at every time-step, and the per-layer offset-spike
+statistics before and after calibration. It only measures; ``cos_jax.report``
+turns the result into tables, files and figures.
 
 Batches are sharded over all devices (padded to a multiple of the device count
 and masked), so memory is bounded by the batch size, not the split size.
@@ -12,116 +11,96 @@ and masked), so memory is bounded by the batch size, not the split size.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
-import json
-import math
-import os
-import tempfile
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from cos_jax import analysis, neuron, snn
-
-# Initialisations that calibrate from a ρ-step probe (reported at T) and those
-# that do not (reported at T and, for a fair comparison, at T + ρ).
-CALIBRATED = ('cos', 'lightweight')
-METHOD_LABELS = {
-    'cos': 'COS (calibrated offset spikes)',
-    'half': 'QCFS baseline v0=θ/2',
-    'lightweight': 'lightweight v0=v(ρ)',
-    'zero': 'v0=0',
-    'random': 'v0~U[0,θ)',
-}
+from cos_jax import analysis, methods, runtime, snn
+from cos_jax.settings import (Calibration, SettingsError, check_positive_int,
+                              check_time_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
 class ConversionSettings:
-  """What to measure (validated by :meth:`validate`)."""
-  rho: int = 8
-  T: int = 32
-  iterations: int = 1
-  schedule: str = 'layerwise'
-  inits: tuple[str, ...] = ('cos', 'half', 'lightweight')
-  epsilon: float = neuron.DEFAULT_EPSILON
-  analysis_T: int | None = None   # None: the model's L (the paper's T = L)
+  """What to measure. Build it with :meth:`from_config` (which validates).
+
+  Attributes:
+    calibration: ρ, rounds, schedule and ε of the calibrated methods.
+    T: the longest simulation reported (accuracy at every t ≤ T).
+    methods: v0 methods to compare (keys of ``cos_jax.methods.METHODS``).
+    analysis_T: window of the offset-spike analysis (None: the model's L).
+    seed: seed of the random v0 method.
+    time_chunk: steps simulated at a time (None: one block).
+  """
+  calibration: Calibration
+  T: int
+  methods: tuple[str, ...]
+  analysis_T: int | None = None
   seed: int = 0
-  # Steps simulated at a time (potentials carried over); None = one block.
-  time_chunk: int | None = snn.DEFAULT_TIME_CHUNK
+  time_chunk: int | None = None
 
-  def validate(self) -> None:
-    for name in ('rho', 'T', 'iterations'):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'--{name} must be a positive integer, got {value!r}')
-    if self.schedule not in snn.SCHEDULES:
-      raise ValueError(f'--schedule must be one of {", ".join(snn.SCHEDULES)}'
-                       f', got {self.schedule!r}')
-    unknown = [i for i in self.inits if i not in snn.INITS]
-    if unknown or not self.inits:
-      raise ValueError(f'--init takes a comma-separated subset of '
-                       f'{",".join(snn.INITS)}; got {",".join(self.inits)!r}')
-    if not 0 < self.epsilon < 1:
-      raise ValueError(f'--epsilon is a fraction of θ in (0, 1), got '
-                       f'{self.epsilon}')
-    if self.analysis_T is not None and self.analysis_T < 1:
-      raise ValueError(f'--analysis_T must be a positive integer, got '
-                       f'{self.analysis_T}')
-    if self.time_chunk is not None and self.time_chunk < 1:
-      raise ValueError(f'--time_chunk must be >= 1 (0 on the command line '
-                       f'for one block), got {self.time_chunk}')
+  @classmethod
+  def from_config(cls, config) -> 'ConversionSettings':
+    """From a ``configs/convert.py`` config; SettingsError names the field."""
+    names = tuple(n.strip() for n in str(config.init).split(',') if n.strip())
+    if not names:
+      raise SettingsError('init', 'needs at least one v0 method')
+    for name in names:
+      methods.get(name)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+      raise SettingsError('init', f'names {", ".join(repeated)} more than '
+                          'once; list each method once')
+    analysis_T = config.get('analysis_T')
+    return cls(
+        calibration=Calibration(config.rho, config.iterations,
+                                config.schedule, config.epsilon),
+        T=check_positive_int('T', config.T),
+        methods=names,
+        analysis_T=(None if analysis_T is None
+                    else check_positive_int('analysis_T', analysis_T)),
+        seed=config.seed,
+        time_chunk=check_time_chunk(config.time_chunk or None))
+
+  def time_steps(self, name: str) -> int:
+    """Steps simulated for ``name``: T, or T + ρ for uncalibrated methods
+    (the paper compares COS at T with the others at T + ρ)."""
+    if methods.get(name).calibrated:
+      return self.T
+    return self.T + self.calibration.rho
+
+  def calibration_of(self, name: str) -> Calibration | None:
+    return self.calibration if methods.get(name).calibrated else None
 
 
-def report_steps(T: int) -> list[int]:
-  """1, 2, 4, ... up to T (T itself included)."""
-  steps = [2**k for k in range(int(math.log2(T)) + 1)]
-  return steps if steps[-1] == T else steps + [T]
-
-
-def _method_steps(init: str, settings: ConversionSettings) -> int:
-  return settings.T if init in CALIBRATED else settings.T + settings.rho
-
-
-def _correct_per_step(outputs, labels, mask):
-  """Correct predictions at each t from the running mean of outputs[:t]."""
+@jax.jit
+def correct_per_step(outputs, labels, mask):
+  """Correct predictions at each t = 1..T from the running mean of
+  outputs[:t]: ``[T, B, C]`` outputs, ``[B]`` labels and 0/1 mask -> int32 [T]."""
   predictions = jnp.cumsum(outputs, axis=0).argmax(-1)   # [T, B]
   return jnp.sum((predictions == labels) * mask, axis=1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'init', 'steps', 'rho',
-                                             'iterations', 'schedule',
-                                             'epsilon', 'time_chunk'))
-def _snn_correct(model, variables, images, labels, mask, key, *, init, steps,
-                 rho, iterations, schedule, epsilon, time_chunk):
-  run = snn.evaluate_snn(model, variables, images, T=steps, init=init,
-                         rho=rho if init in CALIBRATED else None,
-                         iterations=iterations, schedule=schedule,
-                         epsilon=epsilon, key=key, time_chunk=time_chunk)
-  return _correct_per_step(run.outputs, labels, mask)
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'method', 'T', 'calibration', 'time_chunk'))
+def _snn_correct(model, variables, images, labels, mask, key, *, method,
+                 T, calibration, time_chunk):
+  run = snn.run_method(model, variables, images, key, T=T, method=method,
+                       calibration=calibration, time_chunk=time_chunk)
+  return correct_per_step(run.outputs, labels, mask)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _ann_correct(model, variables, images, labels, mask):
+def ann_correct(model, variables, images, labels, mask):
+  """Correct ANN predictions among the rows with ``mask`` = 1 (int32)."""
   logits = model.apply(variables, images, train=False)
   return jnp.sum((logits.argmax(-1) == labels) * mask).astype(jnp.int32)
-
-
-def _pad_to(batch: dict, size: int) -> tuple[dict, np.ndarray]:
-  n = len(batch['label'])
-  mask = np.zeros(size, np.float32)
-  mask[:n] = 1
-  if n == size:
-    return batch, mask
-  pad = lambda x: np.concatenate([x, np.zeros((size - n,) + x.shape[1:],
-                                              x.dtype)])
-  return {k: pad(np.asarray(v)) for k, v in batch.items()}, mask
 
 
 def convert_and_evaluate(model, variables, batches: Iterable[dict],
@@ -140,29 +119,30 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     progress: optional tqdm-like object with ``update(n)``.
 
   Returns:
-    ``{'examples', 'ann_accuracy', 'curves': {init: [accuracy at t=1..]},
+    ``{'examples', 'ann_accuracy', 'curves': {method: [accuracy at t=1..]},
     'layers': {'before': per-layer stats, 'after': per-layer stats},
-    'seconds': {...}}``.
+    'analysis_T', 'seconds': {...}}``.
   """
-  settings.validate()
-  mesh = mesh or Mesh(np.array(jax.devices()), ('data',))
+  mesh = mesh or runtime.make_mesh()
   if batch_size % mesh.size:
-    raise ValueError(f'--batch_size {batch_size} must be a multiple of the '
-                     f'{mesh.size} devices')
-  data_sharding = NamedSharding(mesh, P('data'))
+    raise SettingsError('batch_size', f'{batch_size} must be a multiple of '
+                        f'the {mesh.size} devices')
+  replicated, batch_sharding = runtime.shardings(mesh)
   variables = jax.device_put(
-      {k: variables[k] for k in ('params', 'batch_stats')},
-      NamedSharding(mesh, P()))
+      {k: variables[k] for k in ('params', 'batch_stats')}, replicated)
   analysis_T = settings.analysis_T or model.levels
+  # Offset spikes in the theorems' setting ρ = T = L (paper Fig. 3, Table 3),
+  # before and after COS: the probe spans the analysis window, whatever ρ the
+  # accuracy runs use.
+  analysed = {'before': ('half', None),
+              'after': ('cos', dataclasses.replace(settings.calibration,
+                                                   rho=analysis_T))}
   key = jax.random.key(settings.seed)
-
-  ann_correct = 0
-  correct = {init: np.zeros(_method_steps(init, settings), np.int64)
-             for init in settings.inits}
-  layer_totals = {'before': None, 'after': None}
-  seconds = {'ann': 0.0, **{init: 0.0 for init in settings.inits},
-             'analysis': 0.0}
-  examples = 0
+  ann_hits, examples = 0, 0
+  correct = {name: np.zeros(settings.time_steps(name), np.int64)
+             for name in settings.methods}
+  layer_totals = dict.fromkeys(analysed)
+  seconds = dict.fromkeys(('ann', *settings.methods, 'analysis'), 0.0)
 
   def timed(name, fn):
     start = time.perf_counter()
@@ -172,135 +152,35 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
 
   for batch in batches:
     n = len(batch['label'])
-    batch, mask = _pad_to(batch, batch_size)
-    images, labels, mask = jax.device_put(
-        (batch['image'], batch['label'], mask), data_sharding)
+    batch = runtime.to_global(runtime.pad_batch(batch, batch_size),
+                              batch_sharding)
+    images, labels, mask = batch['image'], batch['label'], batch['mask']
     key, batch_key = jax.random.split(key)
-    ann_correct += int(timed('ann', lambda: _ann_correct(
+    ann_hits += int(timed('ann', lambda: ann_correct(
         model, variables, images, labels, mask)))
-    for init in settings.inits:
-      correct[init] += np.asarray(timed(init, lambda init=init: _snn_correct(
-          model, variables, images, labels, mask, batch_key, init=init,
-          steps=_method_steps(init, settings), rho=settings.rho,
-          iterations=settings.iterations, schedule=settings.schedule,
-          epsilon=settings.epsilon, time_chunk=settings.time_chunk)))
-    # Offset spikes in the theorems' setting ρ = T = L (paper Fig. 3,
-    # Table 3), before and after COS; the probe here spans the analysis
-    # window, whatever --rho the accuracy runs use.
-    for when, init in (('before', 'half'), ('after', 'cos')):
-      stats, _ = timed('analysis', lambda init=init: analysis.layer_statistics(
-          model, variables, images, T=analysis_T, init=init, rho=analysis_T,
-          iterations=settings.iterations, schedule=settings.schedule,
-          epsilon=settings.epsilon, mask=mask))
+    for name in settings.methods:
+      correct[name] += np.asarray(timed(name, lambda name=name: _snn_correct(
+          model, variables, images, labels, mask, batch_key, method=name,
+          T=settings.time_steps(name),
+          calibration=settings.calibration_of(name),
+          time_chunk=settings.time_chunk)))
+    for when, (name, calibration) in analysed.items():
+      stats, _ = timed('analysis', lambda: analysis.statistics(
+          model, variables, images, mask, None, T=analysis_T, method=name,
+          calibration=calibration))
       layer_totals[when] = analysis.accumulate(layer_totals[when], stats)
     examples += n
     if progress is not None:
       progress.update(n)
 
   if not examples:
-    raise ValueError('the split has no examples: check --split/--num_examples')
+    raise ValueError('the split has no examples: check split/num_examples')
   return {
       'examples': examples,
-      'ann_accuracy': ann_correct / examples,
-      'curves': {init: (c / examples).tolist() for init, c in correct.items()},
+      'ann_accuracy': ann_hits / examples,
+      'curves': {name: (c / examples).tolist() for name, c in correct.items()},
       'layers': {when: analysis.finalize(total, analysis_T)
                  for when, total in layer_totals.items()},
       'analysis_T': analysis_T,
       'seconds': seconds,
   }
-
-
-def summary_rows(result: dict, settings: ConversionSettings
-                 ) -> tuple[list[str], list[list[str]]]:
-  """The paper's Table-1 layout: one row per method, columns T = 1, 2, 4, …"""
-  steps = report_steps(settings.T)
-  header = ['method'] + [f'T={t}' for t in steps]
-  pct = lambda x: f'{100 * x:.2f}%'
-  rows = [['ANN (QCFS)'] + [pct(result['ann_accuracy'])] * len(steps)]
-  for init in settings.inits:
-    curve = result['curves'][init]
-    label = METHOD_LABELS[init]
-    if init in CALIBRATED:
-      rows.append([f'{label}, rho={settings.rho}'] +
-                  [pct(curve[t - 1]) for t in steps])
-    else:
-      rows.append([f'{label} at T'] + [pct(curve[t - 1]) for t in steps])
-      rows.append([f'{label} at T+rho'] +
-                  [pct(curve[t + settings.rho - 1]) for t in steps])
-  return header, rows
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-  widths = [max(len(r[i]) for r in [header] + rows) for i in
-            range(len(header))]
-  line = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths)))
-  rule = '-' * len(line(header))
-  return '\n'.join([line(header), rule] + [line(r) for r in rows])
-
-
-def format_layers(result: dict) -> str:
-  """Per-layer Ratio / MSE / firing rate before and after calibration."""
-  before, after = result['layers']['before'], result['layers']['after']
-  out = [f'per-layer offset spikes with rho = T = {result["analysis_T"]} '
-         f'(Ratio = share with psi=0; constrained = layer fed the SNN\'s '
-         f'actual input)',
-         f'{"layer":28s} {"Ratio before":>12s} {"after":>8s} '
-         f'{"MSE before":>10s} {"after":>8s} {"constr. after":>13s} '
-         f'{"rate":>6s}']
-  for name in before:
-    b, a = before[name], after[name]
-    out.append(f'{name:28s} {100 * b["ratio"]:11.2f}% {100 * a["ratio"]:7.2f}%'
-               f' {b["mse"]:10.4f} {a["mse"]:8.4f} '
-               f'{100 * a["ratio_constrained"]:12.2f}% '
-               f'{a["firing_rate"]:6.3f}')
-  return '\n'.join(out)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what users expect
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def write_results(output_dir: str, result: dict, settings: ConversionSettings,
-                  meta: dict) -> list[str]:
-  """Writes results.json, results.csv, accuracy.png, offset_spikes.png.
-
-  Each file is written to a temporary name and renamed into place, so an
-  interrupted run never leaves a half-written result.
-  """
-  from cos_jax import plots  # pylint: disable=g-import-not-at-top (matplotlib)
-  os.makedirs(output_dir, exist_ok=True)
-  header, rows = summary_rows(result, settings)
-  document = {**meta, 'settings': dataclasses.asdict(settings),
-              'table': {'header': header, 'rows': rows}, **result}
-  written = []
-
-  def put(name, data):
-    path = os.path.join(output_dir, name)
-    _atomic_write(path, data)
-    written.append(path)
-
-  put('results.json', json.dumps(document, indent=2).encode())
-  buf = io.StringIO()
-  writer = csv.writer(buf)
-  writer.writerow(['method', 'T', 'accuracy'])
-  writer.writerow(['ann', '', f'{result["ann_accuracy"]:.6f}'])
-  for init, curve in result['curves'].items():
-    for t, acc in enumerate(curve, start=1):
-      writer.writerow([init, t, f'{acc:.6f}'])
-  put('results.csv', buf.getvalue().encode())
-  put('accuracy.png', plots.accuracy_vs_time(result, settings))
-  put('offset_spikes.png', plots.offset_spike_histograms(result))
-  return written

@@ -135,9 +135,8 @@ def _if_scan(currents: Array, threshold: Array, v0: Array | None,
     return carry, (spike if keep_spikes else None)
 
   # Unrolling (T is static and small) lets XLA fuse the recurrence into one
-  # pass over the currents instead of T separate slice/update loops: measured
-  # ~1.5x faster on CPU for a 25k-neuron x 256-sample layer. Long runs unroll
-  # partially to keep compile time bounded.
+  # pass over the currents instead of T separate slice/update loops. Long runs
+  # unroll partially to keep compile time bounded.
   unroll = True if currents.shape[0] <= MAX_FULL_UNROLL else 8
   return jax.lax.scan(step, init, currents, unroll=unroll)
 
@@ -198,7 +197,7 @@ def probe(currents: Array, threshold: Array,
   return stats
 
 
-def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, steps: int,
+def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, probe_steps: int,
              epsilon: float = DEFAULT_EPSILON) -> Array:
   """One COS step: decide the sign of the offset spike and shift v(0) (Thms 1-3).
 
@@ -216,7 +215,8 @@ def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, steps: int,
     v0: the potential the probe started from.
     stats: :class:`ProbeStats` of a probe from ``v0``.
     threshold: θ.
-    steps: ρ, the number of probe steps (to know "fired at every step").
+    probe_steps: ρ, the number of probe steps (to know "fired at every
+      step").
     epsilon: ε as a fraction of θ, in (0, 1).
 
   Returns:
@@ -227,7 +227,7 @@ def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, steps: int,
   accumulated = v0 - threshold / 2
   residual = stats.v - accumulated
   too_many = (stats.spike_count > 0) & (residual < 0)
-  too_few = (stats.spike_count < steps) & (residual >= threshold)
+  too_few = (stats.spike_count < probe_steps) & (residual >= threshold)
   # The inf sentinels only ever sit in the branch `where` discards.
   down = jnp.maximum(threshold, stats.min_fired_v + eps)
   up = jnp.maximum(threshold, threshold + eps - stats.max_silent_v)
@@ -267,32 +267,33 @@ def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
   _check_epsilon(epsilon)
   if iterations < 0:
     raise ValueError(f'iterations must be >= 0, got {iterations}')
-  steps = currents.shape[0]
+  probe_steps = currents.shape[0]
   if v0 is None:
     v0 = half_threshold(threshold, currents[0])
   v0 = jnp.broadcast_to(jnp.asarray(v0, currents.dtype), currents.shape[1:])
 
-  for _ in range(iterations):  # few rounds; unrolled like the time loop
-    v0 = shift_v0(v0, probe(currents, threshold, v0), threshold, steps,
-                  epsilon)
-  return v0
+  # A loop, not unrolled: compile time and memory do not grow with rounds.
+  return jax.lax.fori_loop(
+      0, iterations, lambda _, v: shift_v0(v, probe(currents, threshold, v),
+                                           threshold, probe_steps, epsilon),
+      v0)
 
 
 def offset_spikes(ann_output: Array, spike_count: Array, threshold: Array,
-                  steps: int) -> Array:
+                  time_steps: int) -> Array:
   """Offset spike ψ = a·T/θ - Σ s (COS eq. 8): desired minus actual count.
 
   Args:
     ann_output: the ANN (QCFS) activation a of the same neurons.
     spike_count: the SNN's spike count over ``steps`` time-steps.
     threshold: θ (= λ).
-    steps: T, the number of steps the count covers.
+    time_steps: T, the number of steps the count covers.
 
   Returns:
     ψ per neuron (an integer-valued float when T is a multiple of L).
   """
   threshold = jnp.asarray(threshold, ann_output.dtype)
-  return ann_output * steps / threshold - spike_count
+  return ann_output * time_steps / threshold - spike_count
 
 
 def ratio_and_mse(psi: Array, tolerance: float = 1e-3) -> tuple[Array, Array]:

@@ -21,20 +21,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from cos_jax import neuron
+from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
+from cos_jax.settings import (DEFAULT_TIME_CHUNK, Calibration,
+                              check_positive_int, check_time_chunk)
 
 PyTree = Any
-SCHEDULES = ('layerwise', 'global')
-INITS = ('cos', 'half', 'lightweight', 'zero', 'random')
-# Long simulations run in chunks of this many time-steps, carrying every IF
-# layer's membrane potential from one chunk to the next. The time-folded
-# activations of one chunk ([B·chunk, ...]) then stay cache-sized on a CPU and
-# memory is bounded by the chunk instead of by T. Measured on the 2-core CPU
-# by benchmarks/snn_speed.py (README): simulate(T=32) at batch 64 took x0.52
-# the time and x0.14 the memory of one block in chunks of 8; chunks of 16 are
-# barely faster than one block. None = one block.
-DEFAULT_TIME_CHUNK = 8
 
 
 def spiking(model: nn.Module, config: SpikingConfig) -> nn.Module:
@@ -50,17 +42,18 @@ def _model_variables(variables: PyTree, v0: PyTree | None) -> dict:
 
 
 def _apply(model, variables, images, v0, config: SpikingConfig,
-           capture: bool = False):
+           capture: bool = False, key: jax.Array | None = None):
   """One spiking pass; returns (outputs [steps, B, C], mutated collections)."""
   mutable = []
-  if v0 is None or config.init != 'given':
+  if v0 is None or config.method is not None:
     mutable.append('v0')
   if capture:
     mutable.append('intermediates')
   if config.keep_final_v:
     mutable.append('v_end')
   out, state = spiking(model, config).apply(
-      _model_variables(variables, v0), images, train=False, mutable=mutable)
+      _model_variables(variables, v0), images, train=False, mutable=mutable,
+      rngs=None if key is None else {'v0': key})
   # Sample-major time folding (see Activation): [B·T, C] -> [T, B, C].
   outputs = jnp.moveaxis(
       out.reshape((images.shape[0], config.steps) + out.shape[1:]), 1, 0)
@@ -68,7 +61,8 @@ def _apply(model, variables, images, v0, config: SpikingConfig,
 
 
 def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
-                   capture: bool = False, time_chunk: int | None = None):
+                   capture: bool = False, time_chunk: int | None = None,
+                   key: jax.Array | None = None):
   """:func:`_apply` over ``config.steps`` steps, run in time chunks.
 
   The first chunk runs ``config`` (so a layer-wise probe, which needs its
@@ -79,14 +73,14 @@ def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
   linear layers see changes size. Returns what :func:`_apply` returns, the
   collections being those of the first chunk.
   """
-  first_steps = max(time_chunk or config.steps, config.rho,
+  first_steps = max(time_chunk or config.steps, config.probe_steps,
                     config.record_steps)
   if config.steps <= first_steps:
-    return _apply(model, variables, images, v0, config, capture)
+    return _apply(model, variables, images, v0, config, capture, key)
   outputs, state = _apply(
       model, variables, images, v0,
       dataclasses.replace(config, steps=first_steps, keep_final_v=True),
-      capture)
+      capture, key)
   v_end = state.pop('v_end')
   full_chunks, remainder = divmod(config.steps - first_steps, time_chunk)
   continue_for = lambda steps, v: _apply(
@@ -102,11 +96,6 @@ def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
   if remainder:
     pieces.append(continue_for(remainder, v_end)[0])
   return jnp.concatenate(pieces), state
-
-
-def _check_positive_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'{name} must be a positive integer, got {value!r}')
 
 
 def _thresholds_like(v0_shapes: PyTree, params: PyTree) -> PyTree:
@@ -140,38 +129,19 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
                       shapes, thresholds)
 
 
-def _fill_v0(model, variables, images, kind: str, key=None) -> PyTree:
-  """v0 pytrees for the comparison initialisations (paper Table S3)."""
-  half = init_v0(model, variables, images)
-  if kind == 'half':
-    return half
-  if kind == 'zero':
-    return jax.tree.map(jnp.zeros_like, half)
-  if kind == 'random':
-    if key is None:
-      raise ValueError("init='random' needs a PRNG key (key=jax.random.key(0))")
-    leaves, treedef = jax.tree.flatten(half)
-    keys = jax.random.split(key, len(leaves))
-    # θ/2 · 2 = θ: uniform in [0, θ).
-    return jax.tree.unflatten(treedef, [
-        jax.random.uniform(k, leaf.shape, leaf.dtype) * (2 * leaf)
-        for k, leaf in zip(keys, leaves)])
-  raise ValueError(f'unknown init {kind!r}')
-
-
-@functools.partial(jax.jit, static_argnames=(
-    'model', 'rho', 'iterations', 'schedule', 'epsilon'))
-def _calibrate(model, variables, images, v0, *, rho, iterations, schedule,
-               epsilon):
-  if schedule == 'layerwise':
-    config = SpikingConfig(steps=rho, init='cos', rho=rho,
-                           iterations=iterations, epsilon=epsilon)
+@functools.partial(jax.jit, static_argnames=('model', 'method',
+                                             'calibration'))
+def _calibrate(model, variables, images, v0, *, method: str,
+               calibration: Calibration) -> PyTree:
+  """v0 after ``method``'s calibration over ρ steps (``method`` calibrated)."""
+  config = SpikingConfig(steps=calibration.rho, method=method,
+                         calibration=calibration)
+  if config.runs_from_new_v0:  # layerwise: one pass does every round
     return _apply(model, variables, images, v0, config)[1]['v0']
-  config = SpikingConfig(steps=rho, init='global', rho=rho, epsilon=epsilon)
   if v0 is None:
     v0 = init_v0(model, variables, images)
-  one_round = lambda _, v: _apply(model, variables, images, v, config)[1]['v0']
-  return jax.lax.fori_loop(0, iterations, one_round, v0)
+  one_pass = lambda _, v: _apply(model, variables, images, v, config)[1]['v0']
+  return jax.lax.fori_loop(0, calibration.iterations, one_pass, v0)
 
 
 def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
@@ -198,29 +168,22 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
     The calibrated v0 pytree (same structure as :func:`init_v0`'s). Memory
     beyond a ρ-step simulation is O(neurons × batch).
 
+  Raises:
+    cos_jax.settings.SettingsError: a setting out of range.
+
   Example:
     >>> v0 = cos_jax.calibrate(model, variables, images, rho=8)
     >>> outputs = cos_jax.simulate(model, variables, images, v0, T=4)
   """
-  _check_positive_int('rho', rho)
-  _check_positive_int('iterations', iterations)
-  if schedule not in SCHEDULES:
-    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
-  neuron._check_epsilon(epsilon)  # pylint: disable=protected-access
-  return _calibrate(model, variables, images, v0, rho=rho,
-                    iterations=iterations, schedule=schedule,
-                    epsilon=float(epsilon))
+  calibration = Calibration(rho, iterations, schedule, epsilon)
+  return _calibrate(model, variables, images, v0, method='cos',
+                    calibration=calibration)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'T', 'time_chunk'))
 def _simulate(model, variables, images, v0, *, T, time_chunk):
   return _apply_chunked(model, variables, images, v0, SpikingConfig(steps=T),
                         time_chunk=time_chunk)[0]
-
-
-def _check_time_chunk(time_chunk) -> None:
-  if time_chunk is not None:
-    _check_positive_int('time_chunk', time_chunk)
 
 
 def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
@@ -241,9 +204,8 @@ def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
     ``[T, B, num_classes]`` per-step outputs of the last (non-spiking) layer.
     The prediction at time t is ``outputs[:t].mean(0).argmax(-1)``.
   """
-  _check_positive_int('T', T)
-  _check_time_chunk(time_chunk)
-  return _simulate(model, variables, images, v0, T=T, time_chunk=time_chunk)
+  return _simulate(model, variables, images, v0, T=check_positive_int('T', T),
+                   time_chunk=check_time_chunk(time_chunk))
 
 
 class SNNRun(NamedTuple):
@@ -261,37 +223,36 @@ class SNNRun(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'T', 'init', 'rho', 'iterations', 'schedule', 'epsilon',
-    'record_steps', 'time_chunk'))
-def _evaluate(model, variables, images, key, *, T, init, rho, iterations,
-              schedule, epsilon, record_steps, time_chunk):
-  if init in ('cos', 'lightweight') and schedule == 'layerwise':
-    # Fused: each layer probes its first ρ inputs, sets v0, and runs
-    # max(ρ, T) steps so the next layer has ρ probe inputs too.
-    config = SpikingConfig(steps=max(rho, T), init=init, rho=rho,
-                           iterations=iterations, epsilon=epsilon,
-                           record_steps=record_steps)
+    'model', 'T', 'method', 'calibration', 'record_steps', 'time_chunk'))
+def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
+               key: jax.Array | None, *, T: int, method: str,
+               calibration: Calibration | None, record_steps: int = 0,
+               time_chunk: int | None = DEFAULT_TIME_CHUNK) -> SNNRun:
+  """:func:`evaluate_snn` on settings already validated (no checks here).
+
+  ``calibration`` is the :class:`~cos_jax.settings.Calibration` of a
+  calibrated method and None otherwise; ``key`` is needed by 'random' only.
+  Under the layerwise schedule (and for every uncalibrated method) this is one
+  fused pass: each layer sets its v(0), then runs ``max(ρ, T)`` steps, so
+  that the next layer has ρ probe inputs too. The global schedule calibrates
+  first and then simulates T steps.
+  """
+  probe_steps = 1 if calibration is None else calibration.rho
+  config = SpikingConfig(steps=max(T, probe_steps), method=method,
+                         calibration=calibration, record_steps=record_steps)
+  if config.runs_from_new_v0:
     outputs, state = _apply_chunked(model, variables, images, None, config,
                                     capture=bool(record_steps),
-                                    time_chunk=time_chunk)
+                                    time_chunk=time_chunk, key=key)
     v0 = state['v0']
   else:
-    if init == 'cos':
-      v0 = _calibrate(model, variables, images, None, rho=rho,
-                      iterations=iterations, schedule=schedule,
-                      epsilon=epsilon)
-    elif init == 'lightweight':  # global lightweight: v(ρ) of a network run
-      _, state = _apply(model, variables, images, None, SpikingConfig(
-          steps=rho, init='lightweight', rho=rho))
-      v0 = state['v0']
-    else:
-      v0 = _fill_v0(model, variables, images, init, key)
+    v0 = _calibrate(model, variables, images, None, method=method,
+                    calibration=calibration)
     outputs, state = _apply_chunked(
         model, variables, images, v0,
         SpikingConfig(steps=T, record_steps=record_steps),
         capture=bool(record_steps), time_chunk=time_chunk)
-  intermediates = state.get('intermediates', {})
-  return SNNRun(outputs[:T], v0, intermediates)
+  return SNNRun(outputs[:T], v0, state.get('intermediates', {}))
 
 
 def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
@@ -308,10 +269,11 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
   result equals ``simulate(calibrate(...), T)``.
 
   Args:
-    init: 'cos' (calibrated offset spikes), 'half' (θ/2, the QCFS baseline),
-      'lightweight' (v0 ← v(ρ)), 'zero', or 'random' (uniform [0, θ), needs
-      ``key``).
-    rho: probe length (required for 'cos' and 'lightweight').
+    init: a v0 method of :data:`cos_jax.methods.METHODS`: 'cos' (calibrated
+      offset spikes), 'half' (θ/2, the QCFS baseline), 'lightweight'
+      (v0 ← v(ρ)), 'zero', or 'random' (uniform [0, θ), needs ``key``).
+    rho, iterations, schedule, epsilon: the calibration of a calibrated
+      method (``rho`` required there); ignored by the others.
     record_steps: if > 0, also return per-layer spike counts and input-current
       sums over the first ``record_steps`` (≤ T) steps.
     time_chunk: as in :func:`simulate` (the first chunk also spans the probe
@@ -321,21 +283,14 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
   Returns:
     :class:`SNNRun` (outputs ``[T, B, C]``, the v0 used, intermediates).
   """
-  _check_positive_int('T', T)
-  if init not in INITS:
-    raise ValueError(f'init must be one of {INITS}, got {init!r}')
-  if init in ('cos', 'lightweight'):
-    _check_positive_int('rho', rho)
-    _check_positive_int('iterations', iterations)
-    neuron._check_epsilon(epsilon)  # pylint: disable=protected-access
-  else:
-    rho = None
-  if schedule not in SCHEDULES:
-    raise ValueError(f'schedule must be one of {SCHEDULES}, got {schedule!r}')
+  check_positive_int('T', T)
+  calibration = methods.calibration_for(init, rho, iterations, schedule,
+                                        epsilon)
+  if methods.get(init).needs_key and key is None:
+    raise ValueError(f'init={init!r} needs a PRNG key '
+                     '(key=jax.random.key(0))')
   if not 0 <= record_steps <= T:
     raise ValueError(f'record_steps must be in [0, T={T}], got {record_steps}')
-  _check_time_chunk(time_chunk)
-  return _evaluate(model, variables, images, key, T=T, init=init, rho=rho,
-                   iterations=iterations, schedule=schedule,
-                   epsilon=float(epsilon), record_steps=record_steps,
-                   time_chunk=time_chunk)
+  return run_method(model, variables, images, key, T=T, method=init,
+                    calibration=calibration, record_steps=record_steps,
+                    time_chunk=check_time_chunk(time_chunk))

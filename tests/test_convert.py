@@ -1,5 +1,11 @@
-"""convert.py end to end on a tiny checkpoint, its bad-input handling, and the
-conversion library on mocked ImageNet."""
+"""Conversion: convert.py end to end, its error contract, and the library on
+mocked ImageNet.
+
+The tiny checkpoint is trained in this process (Flax ``train_test.py`` style).
+Subprocesses run only what is about the command line itself: the end-to-end
+run and flag parsing. Bad settings, checkpoints and data go through the same
+error path in-process (``cli.one_line_errors`` around ``conversion_job.convert``).
+"""
 
 import json
 import os
@@ -13,7 +19,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cos_jax
-from cos_jax import conversion, data, plots, training
+from configs import convert as convert_config
+from configs import default as default_config
+from cos_jax import checkpoints, cli, conversion, conversion_job, report
+from cos_jax import training
+from cos_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,11 +37,12 @@ def run(script, *args, env=None, timeout=600):
 @pytest.fixture(scope='module')
 def tiny_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('tiny') / 'run')
-  result = run('train.py', '--workdir', workdir, '--config.epochs=1',
-               '--config.num_train_examples=1024',
-               '--config.num_test_examples=500', '--config.batch_size=128',
-               '--host_devices=2')
-  assert result.returncode == 0, result.stderr[-2000:]
+  config = default_config.get_config()
+  config.epochs = 1
+  config.num_train_examples = 1024
+  config.num_test_examples = 500
+  config.batch_size = 128
+  training.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -42,16 +53,16 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
                '--init', 'cos,half,random',
                '--output_dir', out, '--host_devices', '2')
   assert result.returncode == 0, result.stderr[-3000:]
-  for name in ('results.json', 'results.csv', 'accuracy.png',
-               'offset_spikes.png'):
+  for name in report.FILES:
     assert os.path.getsize(os.path.join(out, name)) > 100
   with open(os.path.join(out, 'accuracy.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with open(os.path.join(out, 'results.json')) as f:
     doc = json.load(f)
   assert doc['examples'] == 300 and doc['devices'] == 2
+  assert doc['config']['rho'] == 4 and doc['config']['T'] == 8
   # The histograms can be re-plotted from the JSON (str keys there).
-  assert plots.offset_spike_histograms(doc)[:8] == b'\x89PNG\r\n\x1a\n'
+  assert report.offset_spike_figure(doc)[:8] == b'\x89PNG\r\n\x1a\n'
   # Calibrated methods are reported at T, the others up to T + ρ.
   assert len(doc['curves']['cos']) == 8
   assert len(doc['curves']['half']) == len(doc['curves']['random']) == 12
@@ -61,7 +72,7 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
   assert len(doc['table']['rows']) == 1 + 1 + 2 * 2
   layers = doc['layers']['after']
   # One entry per IF layer of the trained net (its activation slots).
-  config, model, variables = training.load_checkpoint(tiny_workdir)
+  config, model, variables = checkpoints.load_checkpoint(tiny_workdir)
   assert len(layers) == len(jax.tree.leaves(cos_jax.init_v0(
       model, variables, np.zeros((1, 28, 28, 1), np.float32)))) >= 2
   for stats in layers.values():
@@ -73,8 +84,8 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
 
   # Independent check in this process, on one device and another batch
   # size: the library's own accuracy of the same 300 images.
-  batch = next(data.make_dataset(config.dataset, 'test', batch_size=300,
-                                 train=False, num_examples=300))
+  batch = next(pipeline.make_dataset(config.dataset, 'test', batch_size=300,
+                                     train=False, num_examples=300))
   labels = batch['label']
   ann = model.apply(variables, batch['image']).argmax(-1)
   assert doc['ann_accuracy'] == pytest.approx(np.mean(ann == labels))
@@ -88,36 +99,62 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
     np.testing.assert_allclose(doc['curves'][init], accuracy, atol=1.01 / 300)
 
 
-def _expect_usage_error(result, *words):
-  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1, result.stderr[-2000:]
-  assert 'Traceback' not in result.stderr
+def _expect_usage_error(stderr, returncode, *words):
+  assert returncode == 2, (returncode, stderr[-2000:])
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr[-2000:]
+  assert lines[0].startswith('convert.py: error: ') and 'Traceback' not in stderr
   for word in words:
     assert word in lines[0], lines[0]
 
 
-@pytest.mark.parametrize('args, words', [
-    (['--rho', '0'], ['--rho']),
-    (['--rho', '-3'], ['--rho']),
-    (['--rho', '1.5'], ['rho']),
-    (['--T', '0'], ['--T']),
-    (['--iterations', '0'], ['--iterations']),
-    (['--init', 'cos,best'], ['--init']),
-    (['--num_examples', '0'], ['--num_examples']),
-    (['--time_chunk', '-1'], ['--time_chunk']),
-    (['--workdir', '/nonexistent/run'], ['/nonexistent/run', 'train.py']),
+def convert_in_process(capfd, **fields):
+  """conversion_job.convert on configs/convert.py with ``fields`` set, behind
+  the CLI's error handler; returns (exit code, stderr)."""
+  config = convert_config.get_config()
+  config.update(fields)
+  capfd.readouterr()
+  try:
+    with cli.one_line_errors('convert.py'):
+      conversion_job.convert(config)
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  return code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize('fields, words', [
+    ({'rho': 0}, ['--rho']),
+    ({'rho': -3}, ['--rho']),
+    ({'T': 0}, ['--T']),
+    ({'iterations': 0}, ['--iterations']),
+    ({'init': 'cos,best'}, ['--init', 'best']),
+    ({'num_examples': 0}, ['--num_examples']),
+    ({'time_chunk': -1}, ['--time_chunk']),
+    ({'workdir': '/nonexistent/run'}, ['/nonexistent/run', 'train.py']),
 ])
-def test_bad_flags_give_one_line_and_exit_2(tiny_workdir, tmp_path, args,
-                                            words):
+def test_bad_settings_give_one_line_and_exit_2(tiny_workdir, tmp_path, capfd,
+                                               fields, words):
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'results.json').write_text('previous')
-  full = ['--workdir', tiny_workdir] + args if '--workdir' not in args else args
-  result = run('convert.py', *full, '--output_dir', str(out))
-  _expect_usage_error(result, *words)
+  fields = {'workdir': tiny_workdir, 'output_dir': str(out), **fields}
+  _expect_usage_error(*reversed(convert_in_process(capfd, **fields)), *words)
   assert (out / 'results.json').read_text() == 'previous'
   assert sorted(os.listdir(out)) == ['results.json']
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--rho', '1.5'], ['rho']),
+    (['--bogus', '3'], ['bogus']),
+    (['--config.bogus_field=3'], ['bogus_field']),
+    (['extra'], ['unexpected arguments']),
+])
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, words):
+  out = tmp_path / 'out'
+  result = run('convert.py', *args, '--output_dir', str(out))
+  _expect_usage_error(result.stderr, result.returncode, *words)
+  assert not out.exists()
 
 
 def _copy(workdir, tmp_path):
@@ -126,7 +163,7 @@ def _copy(workdir, tmp_path):
   return copy
 
 
-def test_corrupted_checkpoint(tiny_workdir, tmp_path):
+def test_corrupted_checkpoint(tiny_workdir, tmp_path, capfd):
   workdir = _copy(tiny_workdir, tmp_path)
   # Damage every data file of the best checkpoint.
   for root, _, files in os.walk(os.path.join(workdir, 'best')):
@@ -135,12 +172,13 @@ def test_corrupted_checkpoint(tiny_workdir, tmp_path):
       if os.path.getsize(path) > 64 and 'metadata' not in name:
         with open(path, 'r+b') as f:
           f.truncate(os.path.getsize(path) // 3)
-  _expect_usage_error(run('convert.py', '--workdir', workdir,
-                          '--output_dir', str(tmp_path / 'o')), workdir)
+  code, err = convert_in_process(capfd, workdir=workdir,
+                                 output_dir=str(tmp_path / 'o'))
+  _expect_usage_error(err, code, workdir)
   assert not os.path.exists(tmp_path / 'o')
 
 
-def test_checkpoint_of_another_architecture(tiny_workdir, tmp_path):
+def test_checkpoint_of_another_architecture(tiny_workdir, tmp_path, capfd):
   workdir = _copy(tiny_workdir, tmp_path)
   path = os.path.join(workdir, 'config.json')
   with open(path) as f:
@@ -148,8 +186,9 @@ def test_checkpoint_of_another_architecture(tiny_workdir, tmp_path):
   config['model'] = 'resnet20'
   with open(path, 'w') as f:
     json.dump(config, f)
-  _expect_usage_error(run('convert.py', '--workdir', workdir,
-                          '--output_dir', str(tmp_path / 'o')), workdir)
+  code, err = convert_in_process(capfd, workdir=workdir,
+                                 output_dir=str(tmp_path / 'o'))
+  _expect_usage_error(err, code, workdir)
   assert not os.path.exists(tmp_path / 'o')
 
 
@@ -170,15 +209,16 @@ def _tiny_mock_run(workdir, config_name, **overrides):
   return config
 
 
-def test_dataset_not_available_offline(tmp_path):
+def test_dataset_not_available_offline(tmp_path, capfd, monkeypatch):
   workdir = str(tmp_path / 'c10')
   _tiny_mock_run(workdir, 'cifar10_resnet20', model='small')
   empty = tmp_path / 'tfds'
   empty.mkdir()
-  result = run('convert.py', '--workdir', workdir, '--output_dir',
-               str(tmp_path / 'o'), '--data_dir', str(empty),
-               env={'COS_JAX_OFFLINE': '1', 'TFDS_DATA_DIR': str(empty)})
-  _expect_usage_error(result, 'cifar10')
+  monkeypatch.setenv('COS_JAX_OFFLINE', '1')
+  monkeypatch.setenv('TFDS_DATA_DIR', str(empty))
+  code, err = convert_in_process(capfd, workdir=workdir, data_dir=str(empty),
+                                 output_dir=str(tmp_path / 'o'))
+  _expect_usage_error(err, code, 'cifar10')
   assert not os.path.exists(tmp_path / 'o')
 
 
@@ -188,12 +228,13 @@ def test_imagenet_conversion_on_mock_data(tmp_path):
   workdir = str(tmp_path / 'imagenet')
   _tiny_mock_run(workdir, 'imagenet_resnet34', stem='imagenet',
                  model_kwargs={'stage_features': (4, 4, 8, 8)})
-  config, model, variables = training.load_checkpoint(workdir)
+  config, model, variables = checkpoints.load_checkpoint(workdir)
   assert config.model == 'resnet34' and model.stem == 'imagenet'
-  settings = conversion.ConversionSettings(rho=2, T=2, inits=('cos',))
+  settings = conversion.ConversionSettings(
+      calibration=cos_jax.Calibration(rho=2), T=2, methods=('cos',))
   with tfds.testing.mock_data(num_examples=6):
-    batches = data.make_dataset('imagenet2012', 'validation', batch_size=4,
-                                train=False, num_examples=6)
+    batches = pipeline.make_dataset('imagenet2012', 'validation',
+                                    batch_size=4, train=False, num_examples=6)
     result = conversion.convert_and_evaluate(model, variables, batches,
                                              settings, batch_size=4)
   assert result['examples'] == 6          # 4 + a padded, masked batch of 2

@@ -1,4 +1,4 @@
-"""Tests of cos_jax.data: real Fashion-MNIST, mocked CIFAR/ImageNet, augmentation.
+"""Tests of cos_jax.data: real Fashion-MNIST, mocked CIFAR/ImageNet, preparation.
 
 The Fashion-MNIST tests read the dataset prepared in the default TFDS data dir
 ($TFDS_DATA_DIR or ~/tensorflow_datasets, where training puts it too); the first
@@ -8,24 +8,16 @@ run prepares it from Debian's files (~35 s on 2 cores), later runs reuse it.
 import gzip
 import hashlib
 import os
-import pathlib
-import sys
 import time
 
 import numpy as np
 import pytest
 
-try:
-  from cos_jax import data
-except ModuleNotFoundError:  # Run as `pytest tests/...` without an install.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from cos_jax import data
-
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+from cos_jax import data
+from cos_jax.data import pipeline, prepare
+from cos_jax.data._tensorflow import tf, tfds
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-
 
 # ---------------------------------------------------------------------------
 # Fashion-MNIST (real data)
@@ -34,10 +26,10 @@ FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
 @pytest.fixture(scope='module')
 def fmnist_builder():
-  if (data._fmnist_source_dir() is None
+  if (prepare._fmnist_source_dir() is None
       and not tfds.builder('fashion_mnist').is_prepared()):
     pytest.skip('no Fashion-MNIST: apt-get install dataset-fashion-mnist')
-  return data.get_builder('fashion_mnist')
+  return prepare.get_builder('fashion_mnist')
 
 
 def _collect(iterator):
@@ -48,7 +40,7 @@ def _collect(iterator):
 
 def _raw_idx_images(filename, count):
   """First `count` images of a Debian IDX file: uint8 [count, 28, 28]."""
-  path = os.path.join(data.FMNIST_DEBIAN_DIR, filename)
+  path = os.path.join(prepare.FMNIST_DEBIAN_DIR, filename)
   if not os.path.exists(path):
     pytest.skip(f'{path} not installed')
   with gzip.open(path) as f:
@@ -57,23 +49,23 @@ def _raw_idx_images(filename, count):
 
 
 def test_restored_debian_gzip_matches_tfds_checksums():
-  if data._fmnist_source_dir() is None:
+  if prepare._fmnist_source_dir() is None:
     pytest.skip('Fashion-MNIST IDX files not installed')
   expected = {url.rsplit('/', 1)[-1]: info.checksum for url, info in
               tfds.builder('fashion_mnist').url_infos.items()}
-  assert set(expected) == set(data._FMNIST_UPSTREAM_MTIME)
-  for filename, mtime in data._FMNIST_UPSTREAM_MTIME.items():
-    with open(os.path.join(data._fmnist_source_dir(), filename), 'rb') as f:
+  assert set(expected) == set(prepare._FMNIST_UPSTREAM_MTIME)
+  for filename, mtime in prepare._FMNIST_UPSTREAM_MTIME.items():
+    with open(os.path.join(prepare._fmnist_source_dir(), filename), 'rb') as f:
       original = f.read()
-    restored = data.restore_upstream_gzip(original, filename, mtime)
+    restored = prepare.restore_upstream_gzip(original, filename, mtime)
     assert hashlib.sha256(restored).hexdigest() == expected[filename]
     # Idempotent on an already-upstream file.
-    assert data.restore_upstream_gzip(restored, filename, mtime) == restored
+    assert prepare.restore_upstream_gzip(restored, filename, mtime) == restored
 
 
 def test_fmnist_eval_batches(fmnist_builder):
   del fmnist_builder
-  images, labels, batches = _collect(data.make_dataset(
+  images, labels, batches = _collect(pipeline.make_dataset(
       'fashion_mnist', 'test[:1000]', batch_size=256, train=False))
   assert [len(b['label']) for b in batches] == [256, 256, 256, 232]
   assert images.shape == (1000, 28, 28, 1) and images.dtype == np.float32
@@ -89,9 +81,9 @@ def test_fmnist_eval_batches(fmnist_builder):
 
 def test_fmnist_eval_order_is_stable(fmnist_builder):
   del fmnist_builder
-  first = _collect(data.make_dataset('fashion_mnist', 'test[:300]',
+  first = _collect(pipeline.make_dataset('fashion_mnist', 'test[:300]',
                                      batch_size=100, train=False, seed=1))
-  second = _collect(data.make_dataset('fashion_mnist', 'test[:300]',
+  second = _collect(pipeline.make_dataset('fashion_mnist', 'test[:300]',
                                       batch_size=100, train=False, seed=2))
   np.testing.assert_array_equal(first[0], second[0])
   np.testing.assert_array_equal(first[1], second[1])
@@ -99,7 +91,7 @@ def test_fmnist_eval_order_is_stable(fmnist_builder):
 
 def _train(**kwargs):
   kwargs = {'batch_size': 64, 'train': True, 'num_examples': 256, **kwargs}
-  return _collect(data.make_dataset('fashion_mnist', 'train', **kwargs))
+  return _collect(pipeline.make_dataset('fashion_mnist', 'train', **kwargs))
 
 
 def test_fmnist_train_order_is_a_function_of_seed_and_epoch(fmnist_builder):
@@ -113,7 +105,7 @@ def test_fmnist_train_order_is_a_function_of_seed_and_epoch(fmnist_builder):
   assert not np.array_equal(labels, other_epoch)
   assert not np.array_equal(labels, other_seed)
   # A permutation of the first 256 training examples.
-  _, eval_labels, _ = _collect(data.make_dataset(
+  _, eval_labels, _ = _collect(pipeline.make_dataset(
       'fashion_mnist', 'train[:256]', batch_size=256, train=False))
   np.testing.assert_array_equal(np.sort(labels), np.sort(eval_labels))
   assert not np.array_equal(labels, eval_labels)
@@ -123,13 +115,13 @@ def test_fmnist_train_drops_remainder(fmnist_builder):
   del fmnist_builder
   _, labels, batches = _train(num_examples=200)
   assert [len(b['label']) for b in batches] == [64, 64, 64]
-  assert data.steps_per_epoch('fashion_mnist', 64, num_examples=200) == 3
+  assert pipeline.steps_per_epoch('fashion_mnist', 64, num_examples=200) == 3
 
 
 def test_fmnist_train_augmentation_is_pad2_crop_and_flip(fmnist_builder):
   del fmnist_builder
   images, _, _ = _train(num_examples=64)
-  raw, _, _ = _collect(data.make_dataset('fashion_mnist', 'train[:64]',
+  raw, _, _ = _collect(pipeline.make_dataset('fashion_mnist', 'train[:64]',
                                          batch_size=64, train=False))
   raw = raw[..., 0]
   zero = (0.0 - FMNIST_MEAN) / FMNIST_STD  # A padded (black) pixel.
@@ -148,29 +140,29 @@ def test_fmnist_train_augmentation_is_pad2_crop_and_flip(fmnist_builder):
 def test_fmnist_shards_are_disjoint_and_cover(fmnist_builder):
   del fmnist_builder
   kwargs = {'batch_size': 32, 'train': False}
-  full = _collect(data.make_dataset('fashion_mnist', 'test[:101]',
+  full = _collect(pipeline.make_dataset('fashion_mnist', 'test[:101]',
                                     shard_index=0, num_shards=1, **kwargs))
-  shard0 = _collect(data.make_dataset('fashion_mnist', 'test[:101]',
+  shard0 = _collect(pipeline.make_dataset('fashion_mnist', 'test[:101]',
                                       shard_index=0, num_shards=2, **kwargs))
-  shard1 = _collect(data.make_dataset('fashion_mnist', 'test[:101]',
+  shard1 = _collect(pipeline.make_dataset('fashion_mnist', 'test[:101]',
                                       shard_index=1, num_shards=2, **kwargs))
   assert (len(shard0[1]), len(shard1[1])) == (51, 50)
   np.testing.assert_array_equal(np.concatenate([shard0[0], shard1[0]]), full[0])
   np.testing.assert_array_equal(np.concatenate([shard0[1], shard1[1]]), full[1])
   # Training shards have equal sizes (the odd example is dropped).
-  train0 = _collect(data.make_dataset('fashion_mnist', 'test[:101]', batch_size=1,
+  train0 = _collect(pipeline.make_dataset('fashion_mnist', 'test[:101]', batch_size=1,
                                       train=True, shard_index=0, num_shards=2))
   assert len(train0[1]) == 50
 
 
 def test_steps_per_epoch():
-  assert data.steps_per_epoch('fashion_mnist', 128) == 60_000 // 128
-  assert data.steps_per_epoch('cifar10', 100, split='train[:1000]') == 10
-  assert data.steps_per_epoch('imagenet2012', 256) == 1_281_167 // 256
-  assert data.steps_per_epoch('cifar100', 64, split='test[:10%]') == 1000 // 64
+  assert pipeline.steps_per_epoch('fashion_mnist', 128) == 60_000 // 128
+  assert pipeline.steps_per_epoch('cifar10', 100, split='train[:1000]') == 10
+  assert pipeline.steps_per_epoch('imagenet2012', 256) == 1_281_167 // 256
+  assert pipeline.steps_per_epoch('cifar100', 64, split='test[:10%]') == 1000 // 64
   # Per-shard sizes: training shards are equal, evaluation shards cover all.
   spec = data.dataset_info('cifar10')
-  sizes = [data._num_examples_in(data._shard_split('train[:101]', i, 2, train),
+  sizes = [pipeline._num_examples_in(pipeline._shard_split('train[:101]', i, 2, train),
                                  spec) for train in (True, False) for i in (0, 1)]
   assert sizes == [50, 50, 51, 50]
 
@@ -196,8 +188,8 @@ def offline(monkeypatch, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   monkeypatch.setenv(data.OFFLINE_ENV, '1')
-  monkeypatch.setenv(data.FMNIST_DIR_ENV, str(empty))
-  monkeypatch.setattr(data, 'FMNIST_DEBIAN_DIR', str(empty))
+  monkeypatch.setenv(prepare.FMNIST_DIR_ENV, str(empty))
+  monkeypatch.setattr(prepare, 'FMNIST_DEBIAN_DIR', str(empty))
   return str(tmp_path / 'tfds')
 
 
@@ -209,12 +201,12 @@ def offline(monkeypatch, tmp_path):
 def test_unavailable_dataset_raises_one_line(offline, name, hint):
   start = time.time()
   with pytest.raises(data.DatasetUnavailableError) as error:
-    data.get_builder(name, data_dir=offline)
+    prepare.get_builder(name, data_dir=offline)
   message = str(error.value)
   assert hint in message and '\n' not in message
   assert time.time() - start < 10  # No download attempt.
   with pytest.raises(data.DatasetUnavailableError):
-    data.make_dataset(name, 'train', batch_size=2, train=True, data_dir=offline)
+    pipeline.make_dataset(name, 'train', batch_size=2, train=True, data_dir=offline)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +220,7 @@ def test_mock_pipelines(name):
   with tfds.testing.mock_data(num_examples=6):
     def batch(train, **kwargs):
       split = spec.train_split if train else spec.test_split
-      return next(data.make_dataset(name, split, batch_size=4, train=train,
+      return next(pipeline.make_dataset(name, split, batch_size=4, train=train,
                                     **kwargs))
     train = batch(True, seed=5, epoch=2)
     for b in (train, batch(False)):
@@ -246,148 +238,16 @@ def test_imagenet_eval_is_resize_256_centre_crop_224():
   # shorter-side-256 resize spans columns 48..272, i.e. 112 dark + 112 bright.
   image = np.zeros((256, 320, 3), np.uint8)
   image[:, 160:] = 255
-  out = data._imagenet_eval(tf.constant(image), data.dataset_info('imagenet2012'))
+  out = pipeline._imagenet_eval(tf.constant(image), data.dataset_info('imagenet2012'))
   pixels = out.numpy()[..., 0] * 0.229 + 0.485
   assert out.shape == (224, 224, 3)
   np.testing.assert_allclose(pixels[:, :111], 0.0, atol=1e-3)
   np.testing.assert_allclose(pixels[:, 113:], 1.0, atol=1e-3)
   jpeg = tf.io.encode_jpeg(tf.constant(image), quality=100)
-  from_jpeg = data._imagenet_eval(jpeg, data.dataset_info('imagenet2012'))
+  from_jpeg = pipeline._imagenet_eval(jpeg, data.dataset_info('imagenet2012'))
   np.testing.assert_allclose(from_jpeg.numpy(), out.numpy(), atol=0.1)
 
 
 # ---------------------------------------------------------------------------
 # AutoAugment ops and Cutout
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope='module')
-def image():
-  return np.random.RandomState(0).randint(0, 256, (32, 32, 3)).astype(np.uint8)
-
-
-def _pil(array):
-  PIL_Image = pytest.importorskip('PIL.Image')
-  return PIL_Image.fromarray(array)
-
-
-_OPS = ['ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate', 'AutoContrast',
-        'Invert', 'Equalize', 'Solarize', 'Posterize', 'Contrast', 'Color',
-        'Brightness', 'Sharpness']
-
-
-@pytest.mark.parametrize('op', _OPS)
-def test_policy_op_keeps_shape_and_dtype(image, op):
-  for level in (0, 5, 9):
-    for sign in (-1.0, 1.0):
-      out = data.apply_policy_op(tf.constant(image), op, level, sign)
-      assert out.shape == image.shape and out.dtype == tf.uint8
-
-
-@pytest.mark.parametrize('op', ['ShearX', 'ShearY', 'TranslateX', 'TranslateY',
-                                'Rotate', 'Solarize', 'Posterize', 'Contrast',
-                                'Color', 'Brightness', 'Sharpness'])
-def test_policy_op_is_identity_at_level_zero(image, op):
-  out = data.apply_policy_op(tf.constant(image), op, 0)
-  np.testing.assert_array_equal(out.numpy(), image)
-
-
-def test_identities(image):
-  x = tf.constant(image)
-  np.testing.assert_array_equal(data.invert(data.invert(x)).numpy(), image)
-  np.testing.assert_array_equal(data.solarize(x, 256).numpy(), image)
-  np.testing.assert_array_equal(data.posterize(x, 8).numpy(), image)
-  np.testing.assert_array_equal(data.rotate(x, 0.0).numpy(), image)
-  for op in (data.contrast, data.color, data.brightness, data.sharpness):
-    np.testing.assert_array_equal(op(x, 1.0).numpy(), image)
-
-
-def test_pixel_ops_match_numpy(image):
-  x = tf.constant(image)
-  np.testing.assert_array_equal(data.invert(x).numpy(), 255 - image)
-  np.testing.assert_array_equal(data.solarize(x, 100).numpy(),
-                                np.where(image < 100, image, 255 - image))
-  np.testing.assert_array_equal(data.posterize(x, 3).numpy(), image & 0b11100000)
-  low = (image // 4 + 60).astype(np.uint8)  # Range [60, 123] per channel.
-  lo, hi = low.min((0, 1)), low.max((0, 1))
-  scale = 255.0 / (hi - lo).astype(np.float64)  # PIL's float64 formula.
-  expected = np.floor(low * scale - lo * scale).astype(np.uint8)
-  np.testing.assert_array_equal(data.auto_contrast(tf.constant(low)).numpy(),
-                                expected)
-  np.testing.assert_array_equal(data.brightness(x, 0.5).numpy(), image // 2)
-
-
-def test_pixel_ops_match_pil(image):
-  ImageOps = pytest.importorskip('PIL.ImageOps')
-  ImageEnhance = pytest.importorskip('PIL.ImageEnhance')
-  pil, x = _pil(image), tf.constant(image)
-  low = (image // 4 + 60).astype(np.uint8)
-  exact = [
-      (data.equalize(x), ImageOps.equalize(pil)),
-      (data.auto_contrast(tf.constant(low)), ImageOps.autocontrast(_pil(low))),
-      (data.solarize(x, 77.5), ImageOps.solarize(pil, 77.5)),
-      (data.posterize(x, 5), ImageOps.posterize(pil, 5)),
-      (data.invert(x), ImageOps.invert(pil)),
-  ]
-  for ours, theirs in exact:
-    np.testing.assert_array_equal(ours.numpy(), np.asarray(theirs))
-  for factor in (0.1, 0.6, 1.4, 1.9):
-    close = [
-        (data.contrast(x, factor), ImageEnhance.Contrast(pil).enhance(factor)),
-        (data.color(x, factor), ImageEnhance.Color(pil).enhance(factor)),
-        (data.brightness(x, factor), ImageEnhance.Brightness(pil).enhance(factor)),
-        (data.sharpness(x, factor), ImageEnhance.Sharpness(pil).enhance(factor)),
-    ]
-    for ours, theirs in close:
-      diff = np.abs(ours.numpy().astype(int) - np.asarray(theirs).astype(int))
-      assert diff.max() <= 1, diff.max()
-
-
-def test_geometric_ops_known_values(image):
-  x = tf.constant(image)
-  # Rotating a square by 90 degrees counter-clockwise is np.rot90.
-  np.testing.assert_array_equal(data.rotate(x, 90.0).numpy(), np.rot90(image))
-  # Translating by 3 pixels moves content left and fills grey.
-  expected = np.full_like(image, 128)
-  expected[:, :-3] = image[:, 3:]
-  np.testing.assert_array_equal(data.translate_x(x, 3.0).numpy(), expected)
-  expected = np.full_like(image, 128)
-  expected[3:] = image[:-3]
-  np.testing.assert_array_equal(data.translate_y(x, -3.0).numpy(), expected)
-  # Shear 1: output (x, y) <- input (x + y, y).
-  sheared = data.shear_x(x, 1.0).numpy()
-  for y in (0, 5, 20):
-    np.testing.assert_array_equal(sheared[y, :32 - y], image[y, y:])
-    assert (sheared[y, 32 - y:] == 128).all()
-
-
-def test_autoaugment_policy_and_determinism(image):
-  policy = data.CIFAR10_POLICY
-  assert len(policy) == 25 and all(len(sub) == 2 for sub in policy)
-  for sub in policy:
-    for op, prob, level in sub:
-      assert op in _OPS and 0.0 <= prob <= 1.0 and 0 <= level <= 9
-  x = tf.constant(image)
-  outs = [data.autoaugment(x, tf.constant([7, k], tf.int64)).numpy()
-          for k in range(12)]
-  again = data.autoaugment(x, tf.constant([7, 0], tf.int64)).numpy()
-  np.testing.assert_array_equal(outs[0], again)
-  assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
-  assert sum(not np.array_equal(o, image) for o in outs) >= 4
-
-
-def test_cutout_zeroes_a_square():
-  ones = tf.ones((32, 32, 3), tf.float32)
-  out = data.cutout(ones, 16, None, center=(16, 10)).numpy()
-  assert (out == 0).sum() == 16 * 16 * 3
-  assert (out[8:24, 2:18] == 0).all()
-  clipped = data.cutout(ones, 16, None, center=(0, 31)).numpy()
-  assert (clipped == 0).sum() == 8 * 9 * 3  # Rows 0..7, columns 23..31.
-  assert (clipped[:8, 23:] == 0).all()
-  for k in range(5):
-    mask = data.cutout(ones, 8, tf.constant([k, 1], tf.int64)).numpy()[..., 0] == 0
-    rows, cols = np.where(mask)
-    assert 0 < mask.sum() <= 64
-    # A filled axis-aligned rectangle of side <= 8.
-    assert mask.sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
-    assert np.ptp(rows) < 8 and np.ptp(cols) < 8

@@ -13,7 +13,6 @@ import copy
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
@@ -38,14 +37,15 @@ PARAMETERS = {
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """A tiny trained checkpoint shared by all the notebook runs."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from cos_jax import training  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.mktemp('notebook') / 'fmnist_tiny'
-  result = subprocess.run(
-      [sys.executable, 'train.py', '--workdir', str(path),
-       '--config.epochs=1', '--config.num_train_examples=512',
-       '--config.num_test_examples=500', '--config.batch_size=128',
-       '--host_devices=2'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+  config = default.get_config()
+  config.epochs = 1
+  config.num_train_examples = 512
+  config.num_test_examples = 500
+  config.batch_size = 128
+  training.train_and_evaluate(config, str(path))
   return path
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import pytest
 
-from cos_jax import training
+from cos_jax import checkpoints, data, runtime, train_config, training
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = ('cifar10_vgg16', 'cifar10_resnet18', 'cifar10_resnet20',
@@ -102,7 +102,7 @@ def run_train(workdir, *args, host_devices=2, check=True, timeout=300):
 
 
 def latest_variables(workdir):
-  return training.load_checkpoint(str(workdir), which='latest')[2]
+  return checkpoints.load_checkpoint(str(workdir), which='latest')[2]
 
 
 def log_records(workdir, drop=('epoch_seconds', 'images_per_second')):
@@ -116,9 +116,9 @@ def final_record(workdir):
 
 @pytest.fixture(scope='session')
 def fmnist_available():
-  from cos_jax import data
+  from cos_jax.data import prepare
   try:
-    data.get_builder('fashion_mnist')
+    prepare.get_builder('fashion_mnist')
   except data.DatasetUnavailableError as e:
     pytest.skip(f'Fashion-MNIST unavailable: {e}')
 
@@ -146,7 +146,7 @@ def test_config_fields(name):
                 'log_every_steps', 'stop_after_steps'):
     assert field in config, field
   assert config.data_dir is None and config.num_train_examples is None
-  training.validate_config(config)
+  train_config.validate_config(config)
 
 
 def test_paper_settings():
@@ -193,24 +193,19 @@ def test_validate_config_messages():
                               ('batch_size', 0, 'batch_size')):
     bad = load_config('default')
     bad[field] = value
-    with pytest.raises(training.ConfigError, match=words) as e:
-      training.validate_config(bad)
+    with pytest.raises(train_config.ConfigError, match=words) as e:
+      train_config.validate_config(bad)
     assert '\n' not in str(e.value)
-  with pytest.raises(training.ConfigError, match='divisible by the 3 devices'):
-    training.check_devices(config, num_devices=3, num_processes=1)
-
-
-def test_dataset_names_agree_with_data_module():
-  from cos_jax import data
-  assert training.DATASETS == data.DATASETS
+  with pytest.raises(train_config.ConfigError, match='divisible by the 3 devices'):
+    train_config.check_devices(config, num_devices=3, num_processes=1)
 
 
 def test_use_all_host_cores_is_harmless_after_init():
   jax.devices()  # backends initialised
-  assert training.use_all_host_cores(0) is None
-  assert training.use_all_host_cores(7) is None
+  assert runtime.use_all_host_cores(0) is None
+  assert runtime.use_all_host_cores(7) is None
   with pytest.raises(ValueError):
-    training.use_all_host_cores(-1)
+    runtime.use_all_host_cores(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +250,7 @@ def test_paper_config_trains_on_mock_data(name, tmp_path):
   assert 0 <= metrics['test_accuracy'] <= 1
   assert (tmp_path / 'config.json').exists()
   assert (tmp_path / 'log.jsonl').exists()
-  _, model, variables = training.load_checkpoint(str(tmp_path), which='best')
+  _, model, variables = checkpoints.load_checkpoint(str(tmp_path), which='best')
   assert set(variables) == {'params', 'batch_stats'}
 
 
@@ -394,20 +389,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, reference_run):
 # Orbax's tensorstore threads complain after the corrupted read.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_load_checkpoint(tmp_path, reference_run):
-  config, model, variables = training.load_checkpoint(str(reference_run))
+  config, model, variables = checkpoints.load_checkpoint(str(reference_run))
   assert config.model == 'small' and config.levels == 4
   logits = model.apply(variables, jnp.zeros((2, 28, 28, 1)), train=False)
   assert logits.shape == (2, 10)
 
-  with pytest.raises(training.CheckpointError, match='no workdir'):
-    training.load_checkpoint(str(tmp_path / 'missing'))
+  with pytest.raises(checkpoints.CheckpointError, match='no workdir'):
+    checkpoints.load_checkpoint(str(tmp_path / 'missing'))
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with pytest.raises(training.CheckpointError, match='config.json'):
-    training.load_checkpoint(str(empty))
+  with pytest.raises(checkpoints.CheckpointError, match='config.json'):
+    checkpoints.load_checkpoint(str(empty))
   shutil.copy(reference_run / 'config.json', empty / 'config.json')
-  with pytest.raises(training.CheckpointError, match='no best checkpoint'):
-    training.load_checkpoint(str(empty))
+  with pytest.raises(checkpoints.CheckpointError, match='no best checkpoint'):
+    checkpoints.load_checkpoint(str(empty))
 
   # Another architecture's config over these checkpoints.
   other = tmp_path / 'other'
@@ -415,9 +410,9 @@ def test_load_checkpoint(tmp_path, reference_run):
   saved = json.loads((other / 'config.json').read_text())
   saved['model_kwargs']['hidden'] = 32
   (other / 'config.json').write_text(json.dumps(saved))
-  with pytest.raises(training.CheckpointError,
+  with pytest.raises(checkpoints.CheckpointError,
                      match='does not match the config') as e:
-    training.load_checkpoint(str(other), which='latest')
+    checkpoints.load_checkpoint(str(other), which='latest')
   assert '\n' not in str(e.value)
 
   # Corrupt the stored arrays.
@@ -427,6 +422,6 @@ def test_load_checkpoint(tmp_path, reference_run):
     if path.is_file() and 'variables' in str(path) and (
         'ocdbt' in path.name or path.parent.name == 'd'):
       path.write_bytes(b'garbage')
-  with pytest.raises(training.CheckpointError, match='corrupted') as e:
-    training.load_checkpoint(str(broken), which='best')
+  with pytest.raises(checkpoints.CheckpointError, match='corrupted') as e:
+    checkpoints.load_checkpoint(str(broken), which='best')
   assert '\n' not in str(e.value)

@@ -11,7 +11,7 @@ import functools
 
 import flax.linen as nn
 
-from cos_jax.models.resnet import BasicBlock, ResNet
+from cos_jax.models.resnet import STEMS, BasicBlock, ResNet
 from cos_jax.models.small import SmallNet
 from cos_jax.models.vgg import VGG, VGG16_BLOCKS
 

@@ -1,23 +1,56 @@
-"""Layers shared by the model zoo: conv/BN initialisers matching the reference."""
+"""What every zoo network shares: its attributes and its layer factories.
+
+A network builds its layers from three factories (the shape of Flax's
+``examples/imagenet/models.py``): ``conv`` (Kaiming fan-out init, as the
+reference), ``norm`` (BatchNorm with PyTorch's momentum and ε) and ``act`` (the
+:class:`~cos_jax.activation.Activation` slot, a QCFS ANN or IF neurons by the
+network's ``spiking``). Blocks receive them, so a change to one kind of layer
+happens here, once, for every model and for the ANN and the SNN alike.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
+
+from cos_jax.activation import Activation, SpikingConfig
 
 # Kaiming-normal with fan_out, as the reference initialises convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def batch_norm(train: bool):
-  # PyTorch BatchNorm2d defaults: momentum 0.1 (= flax 0.9), eps 1e-5.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5)
+class Layers(NamedTuple):
+  """Layer factories: ``conv(features, kernel_size, ...)``, ``norm()``,
+  ``act(static_input=False)``."""
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  act: Callable[..., nn.Module]
 
 
-conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1,
-                            kernel_init=conv_init)
+class QCFSNet(nn.Module):
+  """Base of the zoo: a classifier whose ReLUs are Activation slots.
+
+  Attributes:
+    num_classes: classifier outputs.
+    levels: L, the QCFS quantisation levels of every activation.
+    spiking: ``None`` for the QCFS ANN, else the IF network's pass settings.
+    threshold_init: initial λ = θ of every activation (the reference: 8.0).
+  """
+  num_classes: int = 10
+  levels: int = 4
+  spiking: SpikingConfig | None = None
+  threshold_init: float = 8.0
+
+  def layers(self, train: bool) -> Layers:
+    return Layers(
+        conv=functools.partial(nn.Conv, kernel_init=conv_init),
+        # PyTorch BatchNorm2d defaults: momentum 0.1 (= flax 0.9), eps 1e-5.
+        norm=functools.partial(nn.BatchNorm, use_running_average=not train,
+                               momentum=0.9, epsilon=1e-5),
+        act=functools.partial(Activation, self.levels, self.spiking,
+                              threshold_init=self.threshold_init))
 
 
 def avg_pool(x, size: int = 2, stride: int | None = None, padding='VALID'):
@@ -27,19 +60,16 @@ def avg_pool(x, size: int = 2, stride: int | None = None, padding='VALID'):
   return nn.avg_pool(x, (size, size), (stride, stride), padding=padding)
 
 
-def conv_bn_act_blocks(x, blocks, *, levels, spiking, threshold_init, train,
-                       conv_bias: bool):
-  """VGG-style feature extractor: per block, conv3x3-BN-act layers then a 2x2
-  average pool. The very first activation is marked static_input (its input
-  is the image through one linear layer, the same at every time-step)."""
-  from cos_jax.activation import Activation  # pylint: disable=g-import-not-at-top
+def conv_bn_act_blocks(x, blocks, layers: Layers):
+  """VGG-style features: per block, conv3x3(bias)-BN-act layers, then a 2x2
+  average pool. The very first activation is marked ``static_input`` (its
+  input is the image through one linear layer, the same at every step)."""
   first = True
   for block in blocks:
     for features in block:
-      x = conv3x3(features, use_bias=conv_bias)(x)
-      x = batch_norm(train)(x)
-      x = Activation(levels, spiking, static_input=first,
-                     threshold_init=threshold_init)(x)
+      x = layers.conv(features, (3, 3), padding=1)(x)
+      x = layers.norm()(x)
+      x = layers.act(static_input=first)(x)
       first = False
     x = avg_pool(x)
   return x

@@ -1,0 +1,55 @@
+"""Conversion config: what convert.py converts, how, and where results go.
+
+``python convert.py`` uses this file. Every field can be set on the command
+line as ``--field value`` or ``--config.field=value``, e.g.
+``python convert.py --rho 4 --T 16 --init cos,half``. The settings are
+checked once, before any work (cos_jax.conversion.ConversionSettings).
+"""
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # What to convert: a train.py workdir (default: the shipped small
+  # Fashion-MNIST net) and which of its checkpoints, 'best' or 'latest'.
+  config.workdir = os.path.join(_ROOT, 'pretrained', 'fmnist_small')
+  config.checkpoint = 'best'
+
+  # Calibration (cos_jax.Calibration): probe steps ρ, probe/shift rounds,
+  # 'layerwise' (the paper) or 'global' (network-wide), Theorem-2 ε as a
+  # fraction of the threshold.
+  config.rho = 8
+  config.iterations = 1
+  config.schedule = 'layerwise'
+  config.epsilon = 1e-3
+
+  # Simulation: accuracy is reported at T = 1, 2, 4, ... up to T for each v0
+  # method in `init` (comma-separated: cos, half, lightweight, zero, random);
+  # uncalibrated methods also at T + ρ. The offset-spike analysis counts over
+  # analysis_T steps (None: the model's L, the paper's T = L). time_chunk:
+  # steps simulated at a time, carrying membrane potentials (same spikes;
+  # bounds memory by the chunk); 0 = all steps in one block.
+  config.T = 32
+  config.init = 'cos,half,lightweight'
+  config.analysis_T = config_dict.placeholder(int)
+  config.time_chunk = 8
+  config.seed = 0  # of the 'random' method
+
+  # Data: a TFDS split of the checkpoint's dataset (None: its test split),
+  # optionally only its first num_examples; batch_size images per batch over
+  # all devices (bounds memory); data_dir None: the TFDS default.
+  config.split = config_dict.placeholder(str)
+  config.num_examples = config_dict.placeholder(int)
+  config.batch_size = 64
+  config.data_dir = config_dict.placeholder(str)
+
+  # Where results go (None: results/<workdir name>_rho<ρ>_T<T>).
+  config.output_dir = config_dict.placeholder(str)
+  return config

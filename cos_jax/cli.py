@@ -1,0 +1,119 @@
+"""What train.py and convert.py share: flags into a config, one-line errors.
+
+Both programs take a config file (``--config``, ml_collections) whose fields
+can be overridden on the command line. Every problem a user can fix is
+reported as one line on stderr, ``<program>: error: <what is wrong and how to
+fix it>``, with exit code 2, before any work is done and without touching
+earlier results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import NoReturn
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cos_jax import runtime
+from cos_jax.checkpoints import CheckpointError
+from cos_jax.data import DatasetUnavailableError
+from cos_jax.settings import SettingsError
+from cos_jax.train_config import ConfigError, first_line
+
+# Errors whose message tells the user what to change.
+USAGE_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError,
+                SettingsError)
+
+
+def fail(program: str, message: str) -> NoReturn:
+  """Writes ``<program>: error: <message>`` (one line) and exits with 2."""
+  message = ' '.join(str(message).split())
+  sys.stderr.write(f'{program}: error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(2)
+
+
+def define_config(program: str, path: str, help_text: str):
+  """``config_flags.DEFINE_config_file('config', path)``, one-line errors.
+
+  ml_collections applies ``--config.field=value`` overrides while defining
+  the flag, so an unknown field fails here, before ``app.run``.
+  """
+  try:
+    return config_flags.DEFINE_config_file('config', path, help_text,
+                                           lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    fail(program, f'{first_line(e, 300)}: no such config field. See '
+         f'{os.path.relpath(path)} for the fields')
+
+
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string, bool: flags.DEFINE_bool}
+
+
+def define_field_flags(config, source: str) -> dict:
+  """One absl flag per top-level field of ``config``: ``--rho 4`` sets
+  ``config.rho`` (as ``--config.rho=4`` does, and it wins over it).
+
+  Returns the flag holders, for :func:`apply_field_flags`.
+  """
+  holders = {}
+  for name in config:
+    kind = config.get_type(name)
+    if kind in _DEFINE:
+      holders[name] = _DEFINE[kind](name, None, f'Sets {name} (default '
+                                    f'{config[name]!r}; see {source}).')
+  return holders
+
+
+def apply_field_flags(config, holders: dict) -> None:
+  """Copies the field flags given on the command line into ``config``."""
+  for name, holder in holders.items():
+    if holder.present:
+      config[name] = holder.value
+
+
+def flags_parser(program: str):
+  """An ``app.run`` flags parser with one-line errors.
+
+  Loads the config (so a missing file or an unknown field fails here, before
+  any work) and refuses positional arguments.
+  """
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      rest = flags.FLAGS(argv)
+      flags.FLAGS['config'].value.keys()  # a config that failed to load raises
+    except Exception as e:  # pylint: disable=broad-except
+      # ml_collections puts the cause (e.g. "No such file") on the last line.
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      fail(program, f'{lines[-1] if lines else type(e).__name__}. See python '
+           f'{program} --helpshort')
+    if len(rest) > 1:
+      fail(program, f'unexpected arguments {" ".join(rest[1:])}: pass '
+           'settings as flags, e.g. --config.epochs=3')
+    return rest
+  return parse
+
+
+def start(host_devices: int) -> None:
+  """Quiet logs (unless --verbosity is given) and one XLA device per core."""
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax logs every file it writes (INFO) and TFDS warns about benign
+    # things; keep stderr for errors. --verbosity=0 shows everything.
+    logging.set_verbosity(logging.ERROR)
+  runtime.use_all_host_cores(host_devices)
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str):
+  """Turns the errors a user can fix into :func:`fail`; others propagate."""
+  try:
+    yield
+  except SettingsError as e:
+    fail(program, f'--{e.field} {e.message}')
+  except USAGE_ERRORS as e:
+    fail(program, first_line(e, 500))

@@ -1,0 +1,116 @@
+"""The convert.py job: load a checkpoint, read the split, measure, report.
+
+:func:`convert` takes a ``configs/convert.py`` config. It checks every
+setting, the checkpoint, the data and the output directory before the first
+measurement, then runs :func:`cos_jax.conversion.convert_and_evaluate` with a
+progress bar, prints the tables and writes the files of ``cos_jax.report``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+
+import jax
+import tqdm
+
+from cos_jax import checkpoints, conversion, data, report
+from cos_jax.conversion import ConversionSettings
+from cos_jax.data import pipeline
+from cos_jax.settings import SettingsError, check_positive_int
+
+
+def output_dir(config) -> str:
+  """The config's output directory, checked to be creatable and writable."""
+  path = config.output_dir
+  if not path:
+    name = os.path.basename(os.path.normpath(config.workdir)) or 'run'
+    path = os.path.join('results', f'{name}_rho{config.rho}_T{config.T}')
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise SettingsError('output_dir', f'{path} exists and is not a directory: '
+                        'pass another --output_dir')
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(
+      path if os.path.isdir(path) else parent, os.W_OK):
+    raise SettingsError('output_dir', f'{path} is not writable: pass another '
+                        '--output_dir')
+  return path
+
+
+def _batches(config, dataset: str, split: str, batch_size: int):
+  """The split's batches, with the first one read (errors surface here)."""
+  try:
+    batches = pipeline.make_dataset(
+        dataset, split, batch_size=batch_size, train=False,
+        data_dir=config.data_dir, num_examples=config.num_examples)
+    first = next(batches, None)
+  except data.DatasetUnavailableError:
+    raise
+  except (ValueError, KeyError) as e:  # e.g. an unknown split name
+    raise SettingsError('split', f'{split!r} cannot be read from {dataset} '
+                        f'({str(e).splitlines()[0] if str(e) else repr(e)})'
+                        ) from None
+  if first is None:
+    raise SettingsError('split', f'{split!r} of {dataset} is empty: check '
+                        '--split and --num_examples')
+  return itertools.chain([first], batches)
+
+
+def convert(config) -> dict:
+  """Runs the conversion that ``config`` describes; returns results.json's dict.
+
+  Raises:
+    SettingsError / CheckpointError / DatasetUnavailableError (one line),
+    before any measurement and before anything is written.
+  """
+  settings = ConversionSettings.from_config(config)
+  check_positive_int('batch_size', config.batch_size)
+  if config.num_examples is not None:
+    check_positive_int('num_examples', config.num_examples)
+  if config.checkpoint not in ('best', 'latest'):
+    raise SettingsError('checkpoint', f"must be 'best' or 'latest', got "
+                        f'{config.checkpoint!r}')
+  out = output_dir(config)
+  train_config, model, variables = checkpoints.load_checkpoint(
+      config.workdir, which=config.checkpoint)
+  spec = data.dataset_info(train_config.dataset)
+  split = config.split or spec.test_split
+  devices = jax.device_count()
+  batch_size = math.ceil(config.batch_size / devices) * devices
+  batches = _batches(config, train_config.dataset, split, config.batch_size)
+  total = spec.split_sizes.get(split)
+  if config.num_examples:
+    total = min(total or config.num_examples, config.num_examples)
+  calibration = settings.calibration
+  print(f'Converting {config.workdir} ({train_config.model}, '
+        f'L={train_config.levels}, {train_config.dataset}:{split}) on '
+        f'{devices} {jax.devices()[0].platform} device(s): '
+        f'rho={calibration.rho}, T<={settings.T}, '
+        f'iterations={calibration.iterations}, '
+        f'schedule={calibration.schedule}, init={",".join(settings.methods)}',
+        flush=True)
+  start = time.time()
+  with tqdm.tqdm(total=total, unit='img', desc='convert',
+                 dynamic_ncols=True) as bar:
+    result = conversion.convert_and_evaluate(
+        model, variables, batches, settings, batch_size=batch_size,
+        progress=bar)
+  wall = time.time() - start
+  print()
+  print(report.format_table(*report.summary_rows(result, settings)))
+  print()
+  print(report.format_layers(result))
+  meta = {'workdir': os.path.abspath(config.workdir),
+          'checkpoint': config.checkpoint, 'model': train_config.model,
+          'levels': train_config.levels, 'dataset': train_config.dataset,
+          'split': split, 'devices': devices,
+          'platform': jax.devices()[0].platform, 'wall_seconds': wall,
+          'config': config.to_dict()}
+  written = report.write_results(out, result, settings, meta)
+  print(f'\n{result["examples"]} examples in {wall:.0f} s; wrote '
+        f'{", ".join(os.path.basename(p) for p in written)} to {out}')
+  return {**meta, **result}

@@ -1,0 +1,192 @@
+"""A conversion's report: the Table-1 layout, per-layer lines, files, figures.
+
+Everything here reads the dict :func:`cos_jax.conversion.convert_and_evaluate`
+returns (or the same dict read back from results.json, whose keys are
+strings) and writes nothing but the files :func:`write_results` names.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from cos_jax import analysis, methods, runtime  # pylint: disable=g-import-not-at-top
+from cos_jax.conversion import ConversionSettings  # pylint: disable=g-import-not-at-top
+
+FILES = ('results.json', 'results.csv', 'accuracy.png', 'offset_spikes.png')
+
+
+def report_steps(T: int) -> list[int]:
+  """1, 2, 4, ... up to T (T itself included)."""
+  steps = [2**k for k in range(int(math.log2(T)) + 1)]
+  return steps if steps[-1] == T else steps + [T]
+
+
+def _label(name: str, rho: int) -> str:
+  method = methods.get(name)
+  return f'{method.label}, rho={rho}' if method.calibrated else method.label
+
+
+def summary_rows(result: dict, settings: ConversionSettings
+                 ) -> tuple[list[str], list[list[str]]]:
+  """The paper's Table-1 layout: one row per method, columns T = 1, 2, 4, …
+
+  Uncalibrated methods get two rows: at T and at T + ρ (the fair comparison
+  with a calibrated method that spent ρ probe steps).
+  """
+  steps = report_steps(settings.T)
+  rho = settings.calibration.rho
+  header = ['method'] + [f'T={t}' for t in steps]
+  pct = lambda x: f'{100 * x:.2f}%'
+  rows = [['ANN (QCFS)'] + [pct(result['ann_accuracy'])] * len(steps)]
+  for name in settings.methods:
+    curve = result['curves'][name]
+    if methods.get(name).calibrated:
+      rows.append([_label(name, rho)] + [pct(curve[t - 1]) for t in steps])
+    else:
+      rows.append([f'{_label(name, rho)} at T'] +
+                  [pct(curve[t - 1]) for t in steps])
+      rows.append([f'{_label(name, rho)} at T+rho'] +
+                  [pct(curve[t + rho - 1]) for t in steps])
+  return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+  widths = [max(len(r[i]) for r in [header] + rows) for i in
+            range(len(header))]
+  line = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths)))
+  rule = '-' * len(line(header))
+  return '\n'.join([line(header), rule] + [line(r) for r in rows])
+
+
+def format_layers(result: dict) -> str:
+  """Per-layer Ratio / MSE / firing rate before and after calibration."""
+  before, after = result['layers']['before'], result['layers']['after']
+  out = [f'per-layer offset spikes with rho = T = {result["analysis_T"]} '
+         f'(Ratio = share with psi=0; constrained = layer fed the SNN\'s '
+         f'actual input)',
+         f'{"layer":28s} {"Ratio before":>12s} {"after":>8s} '
+         f'{"MSE before":>10s} {"after":>8s} {"constr. after":>13s} '
+         f'{"rate":>6s}']
+  for name in before:
+    b, a = before[name], after[name]
+    out.append(f'{name:28s} {100 * b["ratio"]:11.2f}% {100 * a["ratio"]:7.2f}%'
+               f' {b["mse"]:10.4f} {a["mse"]:8.4f} '
+               f'{100 * a["ratio_constrained"]:12.2f}% '
+               f'{a["firing_rate"]:6.3f}')
+  return '\n'.join(out)
+
+
+def _png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=120, bbox_inches='tight')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def accuracy_figure(result: dict, settings: ConversionSettings) -> bytes:
+  """PNG: accuracy against time-steps T for every method (log-2 T axis).
+
+  Uncalibrated methods are drawn twice: at T (solid) and shifted by ρ (dashed,
+  their accuracy at T+ρ plotted at T), the paper's fair comparison.
+  """
+  rho, T = settings.calibration.rho, settings.T
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  steps = np.arange(1, T + 1)
+  for name, curve in result['curves'].items():
+    curve = 100 * np.asarray(curve)
+    line, = ax.plot(steps, curve[:T], marker='.', label=_label(name, rho))
+    if not methods.get(name).calibrated:
+      ax.plot(steps, curve[rho:rho + T], ls='--', color=line.get_color(),
+              label=f'{_label(name, rho)} at T+ρ')
+  ax.axhline(100 * result['ann_accuracy'], color='k', lw=1, ls=':',
+             label='ANN')
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('time-steps T')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_title(f'accuracy vs T ({result["examples"]} examples)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _png(fig)
+
+
+def offset_spike_figure(result: dict) -> bytes:
+  """PNG: per-layer distribution of ψ before / after calibration (Fig. 3).
+
+  One panel per offset value ψ ≠ 0 would be unreadable; instead each layer
+  gets a pair of stacked bars (before, after) showing the share of neurons
+  with ψ = -k..k, ψ = 0 left out (it is 1 - the bar's height).
+  """
+  before, after = result['layers']['before'], result['layers']['after']
+  names = list(before)
+  offsets = [b for b in analysis.OFFSET_BINS if b != 0]
+  colors = plt.cm.coolwarm(np.linspace(0, 1, len(offsets)))
+  fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 4.2))
+  x = np.arange(len(names))
+  tallest = 0.0
+  for shift, (stats, hatch) in enumerate(((before, ''), (after, '//'))):
+    # int(ψ) keys in-process, str keys once results.json is read back.
+    histograms = [{int(k): v for k, v in stats[n]['histogram'].items()}
+                  for n in names]
+    bottom = np.zeros(len(names))
+    for offset, color in zip(offsets, colors):
+      share = 100 * np.array([h[offset] for h in histograms])
+      ax.bar(x + (shift - 0.5) * 0.38, share, 0.36, bottom=bottom,
+             color=color, hatch=hatch, edgecolor='k', linewidth=0.3,
+             label=f'ψ={offset:+d}' if shift == 0 else None)
+      bottom += share
+    tallest = max(tallest, bottom.max())
+  # Headroom for the legend; an all-zero plot still gets a visible axis.
+  ax.set_ylim(0, 1.25 * tallest if tallest > 0 else 1)
+  ax.set_xticks(x, [f'L{i + 1}' for i in range(len(names))])
+  ax.set_ylabel('neurons with ψ ≠ 0 (%)')
+  ax.set_title(f'offset spikes per layer over T={result["analysis_T"]}: '
+               'left bar before, right (hatched) after calibration')
+  ax.legend(fontsize=7, ncol=2)
+  ax.grid(alpha=0.3, axis='y')
+  return _png(fig)
+
+
+def _csv(result: dict) -> str:
+  buf = io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(['method', 'T', 'accuracy'])
+  writer.writerow(['ann', '', f'{result["ann_accuracy"]:.6f}'])
+  for name, curve in result['curves'].items():
+    for t, acc in enumerate(curve, start=1):
+      writer.writerow([name, t, f'{acc:.6f}'])
+  return buf.getvalue()
+
+
+def write_results(output_dir: str, result: dict, settings: ConversionSettings,
+                  meta: dict) -> list[str]:
+  """Writes :data:`FILES` (results.json/csv, accuracy and offset-spike PNGs).
+
+  ``meta`` (what was converted, where, on what) goes into results.json with
+  the result and the table. Each file is written to a temporary name and
+  renamed into place.
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  header, rows = summary_rows(result, settings)
+  document = {**meta, 'table': {'header': header, 'rows': rows}, **result}
+  contents = {
+      'results.json': runtime.json_text(document),
+      'results.csv': _csv(result),
+      'accuracy.png': accuracy_figure(result, settings),
+      'offset_spikes.png': offset_spike_figure(result),
+  }
+  written = []
+  for name in FILES:
+    path = os.path.join(output_dir, name)
+    runtime.write_atomic(path, contents[name])
+    written.append(path)
+  return written

@@ -1,0 +1,151 @@
+"""What a training config means: its checks and the model it describes.
+
+Everything here runs in well under a second and imports no TensorFlow, so a bad
+config is refused before any data or device work starts. The fields are those
+of ``configs/default.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cos_jax import data, models
+
+# Config fields that fix the parameter tree: a workdir's checkpoints can only
+# be resumed or loaded by a config that agrees on them.
+ARCHITECTURE_FIELDS = ('dataset', 'model', 'levels', 'stem', 'model_kwargs')
+
+
+class ConfigError(ValueError):
+  """A config (or its combination with a workdir/devices) that cannot run."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+  """The first line of an exception's message, shortened to ``limit``."""
+  text = str(e).strip().splitlines()
+  line = text[0] if text else type(e).__name__
+  return line if len(line) <= limit else line[:limit - 3] + '...'
+
+
+def plain(value):
+  """A ConfigDict (or nested mapping/sequence) as plain, key-sorted JSON data."""
+  if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+    return {k: plain(v) for k, v in sorted(value.items())}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  return value
+
+
+def _tuples(value):
+  """JSON lists back to (nested) tuples: hashable module attributes."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def architecture(config) -> dict[str, Any]:
+  """The fields of ``config`` that fix the parameter tree, as plain data."""
+  return {k: plain(config.get(k)) for k in ARCHITECTURE_FIELDS}
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one-line message) for a config that cannot train."""
+  if config.dataset not in data.DATASETS:
+    raise ConfigError(
+        f'unknown dataset {config.dataset!r}: set --config.dataset to one of '
+        f'{", ".join(data.DATASETS)}')
+  if config.model not in models.NAMES:
+    raise ConfigError(
+        f'unknown architecture {config.model!r}: set --config.model to one of '
+        f'{", ".join(models.NAMES)}')
+  if not _positive_int(config.levels):
+    raise ConfigError(
+        f'levels must be a positive integer (QCFS quantisation steps L), got '
+        f'{config.levels!r}: set e.g. --config.levels=4')
+  if config.stem not in models.STEMS:
+    raise ConfigError(f'unknown stem {config.stem!r}: set --config.stem to '
+                      f'one of {", ".join(models.STEMS)}')
+  for name in ('batch_size', 'eval_batch_size', 'epochs',
+               'checkpoint_every_steps', 'keep_checkpoints', 'log_every_steps',
+               'eval_every_epochs'):
+    if not _positive_int(config[name]):
+      raise ConfigError(f'{name} must be a positive integer, got '
+                        f'{config[name]!r}: fix --config.{name}')
+  for name in ('num_train_examples', 'num_test_examples', 'stop_after_steps'):
+    value = config.get(name)
+    if value is not None and not _positive_int(value):
+      raise ConfigError(f'{name} must be None or a positive integer, got '
+                        f'{value!r}: fix --config.{name}')
+  if not config.learning_rate > 0:
+    raise ConfigError(f'learning_rate must be > 0, got {config.learning_rate}')
+  if config.weight_decay < 0 or not 0 <= config.momentum < 1:
+    raise ConfigError('weight_decay must be >= 0 and momentum in [0, 1)')
+
+
+def check_devices(config: ml_collections.ConfigDict,
+                  num_devices: int | None = None,
+                  num_processes: int | None = None) -> None:
+  """Raises ConfigError unless both batch sizes split evenly over devices."""
+  num_devices = num_devices or jax.device_count()
+  num_processes = num_processes or jax.process_count()
+  for name in ('batch_size', 'eval_batch_size'):
+    size = config[name]
+    if size % num_devices:
+      lower = max(num_devices, size // num_devices * num_devices)
+      raise ConfigError(
+          f'{name} {size} is not divisible by the {num_devices} devices: use '
+          f'a multiple of {num_devices} (e.g. --config.{name}={lower}) or set '
+          f'--host_devices to a divisor of {size}')
+    if size % num_processes:
+      raise ConfigError(f'{name} {size} is not divisible by the '
+                        f'{num_processes} processes')
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The zoo model named by ``config`` (architecture fields only).
+
+  Raises:
+    ConfigError: ``model_kwargs`` that the architecture does not have.
+  """
+  kwargs = {k: _tuples(v)
+            for k, v in plain(config.get('model_kwargs') or {}).items()}
+  if config.model != 'small':
+    kwargs['stem'] = config.stem
+  try:
+    return models.get(config.model, num_classes=num_classes,
+                      levels=config.levels, **kwargs)
+  except TypeError as e:
+    raise ConfigError(
+        f'model_kwargs {sorted(config.model_kwargs)} do not fit '
+        f'{config.model} ({first_line(e)}): start from that model\'s config '
+        f'(e.g. --config=configs/cifar10_{config.model}.py) or from a config '
+        f'with empty model_kwargs') from None
+
+
+def abstract_variables(config, model) -> dict:
+  """Shapes of ``{'params', 'batch_stats'}`` for the config's dataset images.
+
+  Raises:
+    ConfigError: the model cannot take those images.
+  """
+  shape = (1,) + tuple(data.dataset_info(config.dataset).image_shape)
+  try:
+    variables = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros(shape), train=False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f'{config.model} (model_kwargs {plain(config.model_kwargs)}) cannot '
+        f'take {config.dataset} images of shape {shape[1:]} '
+        f'({type(e).__name__}: {first_line(e)}): choose another model or '
+        f'dataset') from None
+  return {'params': variables['params'],
+          'batch_stats': variables.get('batch_stats', {})}
+
