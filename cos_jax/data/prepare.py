@@ -12,6 +12,10 @@ their SHA-256 differs from the checksums TFDS registers. :func:`get_builder` put
 the original header back (file name and the upstream mtime, recorded below), which
 restores the upstream bytes exactly, and hands the files to TFDS as ``manual_dir``:
 TFDS then verifies its own checksums and prepares the dataset without the network.
+
+Offline CIFAR-10: ``cifar10_offline`` (:mod:`cos_jax.data.cifar10_offline`) is
+prepared from the bigbench sdist or its task.json in the manual dir
+``<data_dir>/downloads/manual``, where ``make cifar10-offline`` puts the sdist.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import threading
 from typing import Optional
 
 from cos_jax.data import OFFLINE_ENV, DatasetUnavailableError, dataset_info
+from cos_jax.data import cifar10_offline  # Registers the TFDS builder.
 from cos_jax.data._tensorflow import tfds
 
 # Debian's `dataset-fashion-mnist` install location (tests monkeypatch this).
@@ -153,6 +158,31 @@ def _prepare_fmnist_from_files(builder, source_dir: str) -> None:
           '(e.g. from `apt-get install dataset-fashion-mnist`)')) from e
 
 
+def _manual_dir(data_dir_root: str) -> str:
+  """TFDS's default manual dir of a data dir."""
+  return os.path.join(data_dir_root, 'downloads', 'manual')
+
+
+def _prepare_cifar10_offline(builder, data_dir_root: str) -> None:
+  """Prepares cifar10_offline from the sdist or task.json in the manual dir."""
+  manual_dir = _manual_dir(data_dir_root)
+  source = cifar10_offline.find_source(manual_dir)
+  if source is None:
+    raise DatasetUnavailableError(
+        f'cifar10_offline is not prepared in {data_dir_root} and its source '
+        f'({cifar10_offline.SDIST_NAME} or task.json) is not in {manual_dir}: '
+        f'run `TFDS_DATA_DIR={data_dir_root} make cifar10-offline`')
+  try:
+    builder.download_and_prepare(
+        download_config=_download_config(manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetUnavailableError(_one_line(
+        f'cifar10_offline could not be prepared from {source} '
+        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+        f'delete {source} and run `TFDS_DATA_DIR={data_dir_root} make '
+        'cifar10-offline`')) from e
+
+
 def _unavailable_message(name: str, data_dir: str) -> str:
   if name == 'fashion_mnist':
     return ('Fashion-MNIST is not available offline: run `apt-get install '
@@ -163,9 +193,15 @@ def _unavailable_message(name: str, data_dir: str) -> str:
             'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
             f'{data_dir}/downloads/manual/ (or run `tfds build imagenet2012 '
             f'--data_dir {data_dir} --manual_dir <folder with the tars>`)')
-  return (f'{name} is not prepared in {data_dir} and cannot be downloaded here: '
-          f'run `tfds build {name} --data_dir {data_dir}` on a machine with '
-          f'internet and copy {data_dir}/{name} here (or set TFDS_DATA_DIR)')
+  message = (f'{name} is not prepared in {data_dir} and cannot be downloaded '
+             f'here: run `tfds build {name} --data_dir {data_dir}` on a machine '
+             f'with internet and copy {data_dir}/{name} here (or set '
+             'TFDS_DATA_DIR)')
+  if name == 'cifar10':
+    message += ('; or train on the offline subset of the real CIFAR-10 test '
+                'set (8,000 train / 2,000 test images): run `make '
+                'cifar10-offline`, then pass --config.dataset=cifar10_offline')
+  return message
 
 
 def _download_and_prepare(builder, name: str, data_dir_root: str) -> None:
@@ -191,10 +227,11 @@ def get_builder(name: str, data_dir: Optional[str] = None
   """Returns the prepared TFDS builder of `name`, preparing it if needed.
 
   Order: already prepared in `data_dir` -> (Fashion-MNIST only) local IDX files
-  from $COS_JAX_FMNIST_DIR or FMNIST_DEBIAN_DIR -> TFDS download (skipped when
-  $COS_JAX_OFFLINE is set or the download host is unreachable; for ImageNet the
-  tars in <data_dir>/downloads/manual). `data_dir=None` means $TFDS_DATA_DIR or
-  ~/tensorflow_datasets.
+  from $COS_JAX_FMNIST_DIR or FMNIST_DEBIAN_DIR -> (cifar10_offline only) its
+  source in <data_dir>/downloads/manual, never a download -> TFDS download
+  (skipped when $COS_JAX_OFFLINE is set or the download host is unreachable;
+  for ImageNet the tars in <data_dir>/downloads/manual). `data_dir=None` means
+  $TFDS_DATA_DIR or ~/tensorflow_datasets.
 
   Raises:
     DatasetUnavailableError: with a one-line message saying what to do.
@@ -212,6 +249,8 @@ def get_builder(name: str, data_dir: Optional[str] = None
     source_dir = _fmnist_source_dir() if name == 'fashion_mnist' else None
     if source_dir is not None:
       _prepare_fmnist_from_files(builder, source_dir)
+    elif name == 'cifar10_offline':
+      _prepare_cifar10_offline(builder, root)
     else:
       _download_and_prepare(builder, name, root)
     # Reload so that split sizes etc. are read from the prepared files.
