@@ -135,7 +135,8 @@ def test_split_at_full_size_is_800_200_per_class():
   splits = cifar10_offline.split(ids, labels)
   assert (len(splits['train']), len(splits['test'])) == (8000, 2000)
   label_of = dict(zip(ids, labels))
-  assert np.bincount([label_of[i] for i in splits['train']]).tolist() == [800] * 10
+  train_labels = [label_of[i] for i in splits['train']]
+  assert np.bincount(train_labels).tolist() == [800] * 10
   assert data.dataset_info('cifar10_offline').split_sizes == {'train': 8000,
                                                               'test': 2000}
 
@@ -275,7 +276,8 @@ def test_missing_source_raises_one_line_with_the_make_target(tmp_path,
 
 
 def test_config_is_the_paper_cifar10_resnet20_recipe():
-  from configs import cifar10_offline_resnet20, paper  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from configs import cifar10_offline_resnet20, paper
   config = cifar10_offline_resnet20.get_config()
   train_config.validate_config(config)
   reference = paper.paper_config('cifar10', 'resnet20')

@@ -1,4 +1,4 @@
-"""``cifar10_offline``: the real CIFAR-10 test set as an 8,000/2,000 TFDS dataset.
+"""``cifar10_offline``: the real CIFAR-10 test set as TFDS dataset, 8,000/2,000.
 
 CIFAR-10 cannot be downloaded on a machine that reaches only package registries,
 but the PyPI source distribution of ``bigbench==1.0.0`` carries the complete
@@ -172,9 +172,9 @@ class Cifar10Offline(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Split by SHA-256 order with seed 2023, 4/5 train.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f'Run `make cifar10-offline`, or put {SDIST_NAME} (`pip download '
-      '--no-deps --no-binary :all: bigbench==1.0.0`) or its cifar10 '
-      'task.json in the manual dir.')
+      f'Run `make cifar10-offline`, or put {SDIST_NAME} (the PyPI sdist of '
+      'bigbench==1.0.0, read, never installed) or its cifar10 task.json in '
+      'the manual dir.')
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
