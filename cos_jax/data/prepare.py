@@ -199,8 +199,9 @@ def _unavailable_message(name: str, data_dir: str) -> str:
              'TFDS_DATA_DIR)')
   if name == 'cifar10':
     message += ('; or train on the offline subset of the real CIFAR-10 test '
-                'set (8,000 train / 2,000 test images): run `make '
-                'cifar10-offline`, then pass --config.dataset=cifar10_offline')
+                'set (8,000 train / 2,000 test images): run '
+                f'`TFDS_DATA_DIR={data_dir} make cifar10-offline`, then pass '
+                '--config.dataset=cifar10_offline')
   return message
 
 
