@@ -2,33 +2,30 @@
 
 The COS reference (hzc1208/ANN2SNN_COS) and the QCFS code it builds on
 (putshua/SNN_conversion_QCFS) save ``torch.save(model.state_dict(), path)``.
-:func:`load_torch_checkpoint` turns such a file into a zoo model and its
-``{'params', 'batch_stats'}`` variables.
+Such a file is a zip archive: ``<name>/data.pkl`` pickles the state_dict and
+each tensor storage is the raw file ``<name>/data/<key>``. A restricted
+unpickler reads it: it knows the few globals a state_dict names (OrderedDict,
+torch's tensor rebuild functions and storage types) and refuses every other
+one, so a crafted file cannot run code. Tensors become NumPy arrays.
 
-A ``torch.save`` file is a zip archive: ``<name>/data.pkl`` pickles the
-state_dict, each tensor storage is the raw file ``<name>/data/<key>``. The
-pickle is read by a restricted unpickler that knows the handful of globals a
-state_dict uses (``collections.OrderedDict``, torch's tensor rebuild functions
-and storage types) and refuses every other one, so a crafted file cannot run
-code; tensors become NumPy arrays.
-
-Layer correspondence: the model is traced abstractly and its leaf layers (Conv,
-BatchNorm, Activation, Dense) are listed in call order; the reference names
-them by its module tree (``layer{b}.{i}`` and ``classifier.{i}`` in VGG,
-``conv1.{i}``, ``conv{s}_x.{b}.residual_function.{i}``, ``.shortcut.{i}``,
-``.relu`` and ``fc`` in the ResNets), which a walk along the same order
-reproduces. Layout differences: OIHW conv weights become HWIO, ``[out, in]``
-linear weights ``[in, out]``, ``up`` (λ, shape [1]) the scalar
-``Activation_k/threshold``, and the rows of a VGG's first classifier layer go
-from the reference's NCHW flatten order to ours (NHWC); ``num_batches_tracked``
+Layer correspondence: the zoo model is traced abstractly and its leaf layers
+(Conv, BatchNorm, Activation, Dense) listed in call order; the reference's
+names (``layer{b}.{i}`` / ``classifier.{i}`` in VGG; ``conv1.{i}``,
+``conv{s}_x.{b}.residual_function.{i}`` / ``.shortcut.{i}`` / ``.relu`` and
+``fc`` in the ResNets) follow the same order. Layouts: OIHW conv weights become
+HWIO, ``[out, in]`` linear weights ``[in, out]``, ``up`` (λ, shape [1]) the
+scalar ``Activation_k/threshold``; the rows of VGG's first classifier layer go
+from the reference's NCHW flatten order to ours (NHWC). ``num_batches_tracked``
 and the reference's Dropout(p=0) layers carry nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import math
+import operator
 import os
 import pickle
 import re
@@ -61,7 +58,8 @@ _WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net')
 # ---------------------------------------------------------------- reading --
 
 class _StorageType(NamedTuple):
-  dtype: Any
+  """Stands for a torch storage class in the pickle (a tuple: immutable)."""
+  dtype: np.dtype
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
@@ -71,62 +69,58 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
       or len(size) != len(stride)):
     raise CheckpointError(f'malformed tensor: offset {offset!r}, size {size!r}'
                           f', stride {stride!r}')
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if math.prod(size) and last >= storage.size:
-    raise CheckpointError(f'tensor of size {size} reads past its storage of '
-                          f'{storage.size} elements')
   if not math.prod(size):
     return np.zeros(size, storage.dtype)
-  view = np.lib.stride_tricks.as_strided(
+  if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size:
+    raise CheckpointError(f'tensor of size {size} reads past its storage of '
+                          f'{storage.size} elements')
+  return np.array(np.lib.stride_tricks.as_strided(
       storage[offset:], size, [s * storage.itemsize for s in stride],
-      writeable=False)
-  return np.array(view)
-
-
-def _rebuild_parameter(data, *_):
-  return data
+      writeable=False))
 
 
 class _StateDictUnpickler(pickle.Unpickler):
   """Unpickles a torch.save ``data.pkl`` into NumPy arrays; refuses any global
   a state_dict does not need (so no reduce can reach os.system & co)."""
 
-  def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str,
-               byteorder: str):
-    super().__init__(io.BytesIO(data))
-    self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+  def __init__(self, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    super().__init__(io.BytesIO(archive.read(prefix + 'data.pkl')))
+    self._archive, self._prefix = archive, prefix
+    self._byteorder = '<' if byteorder == 'little' else '>'
     self._storages = {}
 
   def find_class(self, module, name):
+    # Fresh objects or immutable types: nothing a pickle's BUILD opcode could
+    # alter outlives this file.
     if (module, name) == ('collections', 'OrderedDict'):
       return collections.OrderedDict
     if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
-      return _rebuild_tensor
+      return lambda *args: _rebuild_tensor(*args)
     if (module, name) == ('torch._utils', '_rebuild_parameter'):
-      return _rebuild_parameter
+      return lambda data, *_: data
     if module == 'torch' and name in _STORAGE_DTYPES:
       return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
     raise CheckpointError(
-        f'refusing to load {module}.{name}: a state_dict holds only tensors '
-        'and containers (load it with use_torch=True if you trust the file)')
+        f'refusing to load {module}.{name}: only a state_dict (tensors in '
+        'dicts) is read; save model.state_dict() rather than the model')
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-            and isinstance(pid[1], _StorageType)):
+            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+            and isinstance(pid[4], int) and pid[4] >= 0):
       raise CheckpointError(f'unsupported storage reference {pid!r:.80}')
     _, storage_type, key, _, numel = pid
     if key not in self._storages:
-      dtype = storage_type.dtype.newbyteorder(
-          '<' if self._byteorder == 'little' else '>')
+      dtype = storage_type.dtype.newbyteorder(self._byteorder)
       try:
         raw = self._archive.read(f'{self._prefix}data/{key}')
       except KeyError:
-        raise CheckpointError(f'storage {key!r} is missing from the archive'
-                              ) from None
+        raise CheckpointError(f'storage {key!r} is missing') from None
       if len(raw) < numel * dtype.itemsize:
         raise CheckpointError(f'storage {key!r} is truncated')
       array = np.frombuffer(raw, dtype, count=numel)
-      self._storages[key] = array.astype(array.dtype.newbyteorder('='))
+      self._storages[key] = (array if array.dtype.isnative
+                             else array.astype(array.dtype.newbyteorder('=')))
     return self._storages[key]
 
 
@@ -134,22 +128,20 @@ def _unpickle_zip(path: str):
   try:
     archive = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError) as e:
-    raise CheckpointError(f'{path} is not a PyTorch checkpoint (torch.save '
-                          f'zip archive): {e}') from None
+    raise CheckpointError(f'{path} is not a PyTorch checkpoint (a torch.save '
+                          f'zip archive: {e}; re-save files from torch < 1.6 '
+                          'with a current torch)') from None
   with archive:
-    pickles = [n for n in archive.namelist() if n.endswith('data.pkl')
-               and n.count('/') <= 1]
+    names = archive.namelist()
+    pickles = [n for n in names if re.fullmatch(r'[^/]*/data\.pkl', n)]
     if len(pickles) != 1:
       raise CheckpointError(f'{path} is not a PyTorch checkpoint: no single '
                             '<name>/data.pkl in the archive')
     prefix = pickles[0][:-len('data.pkl')]
-    names = set(archive.namelist())
     byteorder = (archive.read(prefix + 'byteorder').decode().strip()
                  if prefix + 'byteorder' in names else 'little')
-    unpickler = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix,
-                                    byteorder)
     try:
-      return unpickler.load()
+      return _StateDictUnpickler(archive, prefix, byteorder).load()
     except CheckpointError as e:
       raise CheckpointError(f'{path}: {e}') from None
     except Exception as e:  # pylint: disable=broad-except
@@ -162,36 +154,26 @@ def _torch_load(path: str):
   except ImportError:
     raise ValueError('use_torch=True needs PyTorch installed; drop it to use '
                      'the built-in reader') from None
-  obj = torch.load(path, map_location='cpu', weights_only=True)
-
-  def to_numpy(x):
-    if isinstance(x, torch.Tensor):
-      x = x.detach()
-      return (x.float() if x.dtype == torch.bfloat16 else x).numpy().copy()
-    if isinstance(x, Mapping):
-      return {k: to_numpy(v) for k, v in x.items()}
-    return x
-  return to_numpy(obj)
+  return _as_numpy(torch.load(path, map_location='cpu', weights_only=True))
 
 
 def _as_numpy(obj):
-  """Array-likes (NumPy, JAX, torch CPU tensors) in nested mappings as NumPy."""
+  """Array-likes (NumPy, JAX, torch tensors) in nested mappings as NumPy."""
   if isinstance(obj, Mapping):
-    return {k: _as_numpy(v) if isinstance(v, Mapping) else
-            (np.asarray(v) if hasattr(v, '__array__') else v)
-            for k, v in obj.items()}
-  return obj
+    return {k: _as_numpy(v) for k, v in obj.items()}
+  if type(obj).__module__.startswith('torch') and hasattr(obj, 'detach'):
+    obj = obj.detach().cpu()
+    return (obj.float() if 'bfloat16' in str(obj.dtype) else obj).numpy()
+  return np.asarray(obj) if hasattr(obj, '__array__') else obj
 
 
 def _find_state_dict(obj, source: str) -> dict[str, np.ndarray]:
   """The tensor dict inside ``obj``: itself, or under a wrapper key."""
-  def is_state_dict(d):
-    return (isinstance(d, Mapping) and all(isinstance(k, str) for k in d) and
-            any(isinstance(v, np.ndarray) for v in d.values()))
-  wrapped = [obj[k] for k in _WRAPPER_KEYS
-             if isinstance(obj, Mapping) and k in obj]
-  for d in [obj] + wrapped:
-    if is_state_dict(d):
+  candidates = [obj] + [obj[k] for k in _WRAPPER_KEYS
+                        if isinstance(obj, Mapping) and k in obj]
+  for d in candidates:
+    if (isinstance(d, Mapping) and all(isinstance(k, str) for k in d)
+        and any(isinstance(v, np.ndarray) for v in d.values())):
       return {re.sub(r'^module\.', '', k): v for k, v in d.items()
               if isinstance(v, np.ndarray)}
   raise CheckpointError(f'{source} holds no state_dict (no tensors at the top '
@@ -209,16 +191,16 @@ def read_torch_state_dict(path_or_state_dict, *,
       PyTorch) instead of the built-in restricted reader.
 
   Returns:
-    ``{key: array}`` in the file's order, ``module.`` (DataParallel) prefixes
-    removed, non-tensor entries dropped; unwrapped from a ``'state_dict'``,
-    ``'model_state_dict'``, ``'model'`` or ``'net'`` entry if needed.
+    ``{key: array}`` in the file's order, without ``module.`` (DataParallel)
+    prefixes and non-tensor entries; taken from under a 'state_dict',
+    'model_state_dict', 'model' or 'net' entry when the top level has none.
 
   Raises:
-    CheckpointError: not a torch.save archive, a refused global in its pickle,
-      or no state_dict inside.
+    CheckpointError: no such file, not a torch.save archive, a refused global
+      in its pickle, or no state_dict inside.
   """
   if isinstance(path_or_state_dict, Mapping):
-    return _find_state_dict(_as_numpy(path_or_state_dict), 'the given mapping')
+    return _find_state_dict(_as_numpy(path_or_state_dict), 'the state_dict')
   path = os.fspath(path_or_state_dict)
   if not os.path.isfile(path):
     raise CheckpointError(f'no checkpoint file at {path}')
@@ -229,17 +211,9 @@ def read_torch_state_dict(path_or_state_dict, *,
 # ---------------------------------------------------------------- mapping --
 
 class _Layer(NamedTuple):
-  """One leaf layer of the zoo model and its reference module's key prefix."""
   path: tuple[str, ...]  # module path in our variables, e.g. ('Conv_3',)
   kind: str              # 'conv' | 'norm' | 'act' | 'dense'
-  torch: str = ''        # reference prefix, e.g. 'layer2.4'
-
-
-_KINDS = ((nn.Conv, 'conv'), (nn.BatchNorm, 'norm'), (Activation, 'act'),
-          (nn.Dense, 'dense'))
-_TORCH_LEAVES = {'conv': ('weight', 'bias'), 'dense': ('weight', 'bias'),
-                 'norm': ('weight', 'bias', 'running_mean', 'running_var'),
-                 'act': ('up',)}
+  torch: str = ''        # the reference module's key prefix, e.g. 'layer2.4'
 
 
 def _traced_layers(model: nn.Module, image_side: int):
@@ -247,11 +221,11 @@ def _traced_layers(model: nn.Module, image_side: int):
   layers = []
 
   def record(next_fun, args, kwargs, context):
-    if context.method_name == '__call__':
-      kind = next((k for cls, k in _KINDS if isinstance(context.module, cls)),
-                  None)
-      if kind:
-        layers.append(_Layer(tuple(context.module.path), kind))
+    kind = next((k for cls, k in ((nn.Conv, 'conv'), (nn.BatchNorm, 'norm'),
+                                  (Activation, 'act'), (nn.Dense, 'dense'))
+                 if isinstance(context.module, cls)), None)
+    if kind and context.method_name == '__call__':
+      layers.append(_Layer(tuple(context.module.path), kind))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -261,119 +235,89 @@ def _traced_layers(model: nn.Module, image_side: int):
   return layers, abstract
 
 
-def _vgg_prefixes(model) -> list[tuple[str, str]]:
-  # Reference: layer{b}.{4i + 0..3} = conv, BN, act, Dropout(0) per conv of
-  # block b; classifier = Flatten, Linear, act, Dropout, Linear, act,
-  # Dropout, Linear.
-  out = []
-  for b, block in enumerate(model.blocks, 1):
-    for i in range(len(block)):
-      out += [(f'layer{b}.{4 * i + j}', k)
-              for j, k in enumerate(('conv', 'norm', 'act'))]
-  return out + [(f'classifier.{i}', k) for i, k in
-                ((1, 'dense'), (2, 'act'), (4, 'dense'), (5, 'act'),
-                 (7, 'dense'))]
+def _vgg_prefixes(model, _) -> list[str]:
+  # Per conv i of block b: layer{b}.{4i + 0..3} = conv, BN, act, Dropout(0).
+  # classifier: Flatten, Linear, act, Dropout, Linear, act, Dropout, Linear.
+  return [f'layer{b}.{4 * i + j}' for b, block in enumerate(model.blocks, 1)
+          for i in range(len(block)) for j in range(3)] + [
+              f'classifier.{i}' for i in (1, 2, 4, 5, 7)]
 
 
-def _resnet_prefixes(model, layers) -> list[tuple[str, str]]:
-  # Reference: conv1.{0,1,2} stem; conv{s+2}_x.{b}.residual_function.{0..4},
-  # .shortcut.{0,1} (on a shape change), .relu (after the addition); fc.
-  stage_of_block = [(s, b) for s, n in enumerate(model.stage_sizes)
-                    for b in range(n)]
-  per_block = collections.defaultdict(list)
-  for layer in layers:
-    if len(layer.path) == 2:
-      per_block[layer.path[0]].append(layer.kind)
-  out = [('conv1.0', 'conv'), ('conv1.1', 'norm'), ('conv1.2', 'act')]
-  for k, (s, b) in enumerate(stage_of_block):
-    kinds = per_block[f'BasicBlock_{k}']
-    block = f'conv{s + 2}_x.{b}'
-    names = [f'residual_function.{i}' for i in range(5)]
-    names += [f'shortcut.{i}' for i in range(len(kinds) - 6)] + ['relu']
-    out += [(f'{block}.{n}', kind) for n, kind in zip(names, kinds)]
-  return out + [('fc', 'dense')]
+def _resnet_prefixes(model, layers) -> list[str]:
+  # Stem conv1.{0,1,2}; per block conv{s+2}_x.{b}: residual_function.{0..4},
+  # shortcut.{0,1} (only on a shape change), relu (after the addition); fc.
+  per_block = collections.Counter(layer.path[0] for layer in layers
+                                  if len(layer.path) == 2)
+  out = ['conv1.0', 'conv1.1', 'conv1.2']
+  blocks = [(s, b) for s, n in enumerate(model.stage_sizes) for b in range(n)]
+  for k, (s, b) in enumerate(blocks):
+    shortcut = per_block[f'BasicBlock_{k}'] - 6  # 6 layers without one
+    out += [f'conv{s + 2}_x.{b}.{name}' for name in
+            [f'residual_function.{i}' for i in range(5)]
+            + [f'shortcut.{i}' for i in range(shortcut)] + ['relu']]
+  return out + ['fc']
 
 
 def _named_layers(model, arch, image_side) -> tuple[list[_Layer], Any]:
   layers, abstract = _traced_layers(model, image_side)
-  prefixes = (_vgg_prefixes(model) if arch == 'vgg16'
-              else _resnet_prefixes(model, layers))
-  if [k for _, k in prefixes] != [layer.kind for layer in layers]:
+  prefixes = (_vgg_prefixes if arch == 'vgg16' else _resnet_prefixes)(
+      model, layers)
+  if len(prefixes) != len(layers):
     raise ValueError(f'{arch} with these model arguments does not have the '
-                     'reference layout; load it without extra model_kwargs')
-  return [layer._replace(torch=p) for layer, (p, _) in
-          zip(layers, prefixes)], abstract
+                     'reference layout')
+  return [layer._replace(torch=p) for layer, p in zip(layers, prefixes)
+          ], abstract
 
 
-def _leaf(tree, path):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def _expected(layer: _Layer, abstract) -> dict[str, tuple[int, ...]]:
-  """``{torch key: torch shape}`` the layer needs."""
-  params = _leaf(abstract['params'], layer.path)
+def _slots(layer: _Layer, abstract) -> list[tuple[str, str, str, tuple]]:
+  """(torch key, collection, our leaf, torch shape) of each tensor it takes."""
+  params = functools.reduce(operator.getitem, layer.path, abstract['params'])
+  key = lambda leaf: f'{layer.torch}.{leaf}'
   if layer.kind == 'act':
-    return {f'{layer.torch}.up': (1,)}
+    return [(key('up'), 'params', 'threshold', (1,))]
   if layer.kind == 'norm':
     c = params['scale'].shape
-    return {f'{layer.torch}.{n}': c for n in _TORCH_LEAVES['norm']}
-  kernel = params['kernel'].shape
-  out = {f'{layer.torch}.weight': (
-      kernel[::-1] if layer.kind == 'dense'
-      else (kernel[3], kernel[2], kernel[0], kernel[1]))}
+    return [(key('weight'), 'params', 'scale', c),
+            (key('bias'), 'params', 'bias', c),
+            (key('running_mean'), 'batch_stats', 'mean', c),
+            (key('running_var'), 'batch_stats', 'var', c)]
+  k = params['kernel'].shape
+  out = [(key('weight'), 'params', 'kernel',
+          k[::-1] if layer.kind == 'dense' else (k[3], k[2], k[0], k[1]))]
   if 'bias' in params:
-    out[f'{layer.torch}.bias'] = params['bias'].shape
+    out.append((key('bias'), 'params', 'bias', params['bias'].shape))
   return out
 
 
-def _convert(layer: _Layer, state, flatten_channels: int | None) -> dict:
-  """The layer's ``{collection: {leaf: array}}`` from its torch tensors."""
-  get = lambda leaf: state[f'{layer.torch}.{leaf}']
-  if layer.kind == 'act':
-    return {'params': {'threshold': get('up').reshape(())}}
-  if layer.kind == 'norm':
-    return {'params': {'scale': get('weight'), 'bias': get('bias')},
-            'batch_stats': {'mean': get('running_mean'),
-                            'var': get('running_var')}}
-  w = get('weight')
+def _to_zoo_layout(layer: _Layer, leaf: str, w: np.ndarray,
+                   flatten_channels: int | None) -> np.ndarray:
+  if leaf == 'threshold':
+    return w.reshape(())
+  if leaf != 'kernel':
+    return w
   if layer.kind == 'conv':
-    kernel = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  elif flatten_channels and w.shape[1] != flatten_channels:
-    # Reference flattens NCHW (row c·HW + hw), ours NHWC (row hw·C + c).
-    kernel = (w.reshape(w.shape[0], flatten_channels, -1)
-              .transpose(2, 1, 0).reshape(w.shape[1], w.shape[0]))
-  else:
-    kernel = w.T
-  params = {'kernel': kernel}
-  if f'{layer.torch}.bias' in state:
-    params['bias'] = get('bias')
-  return {'params': params}
+    return w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  if flatten_channels and w.shape[1] != flatten_channels:
+    # The reference flattens NCHW (row c·HW + hw), the zoo NHWC (hw·C + c).
+    return (w.reshape(w.shape[0], flatten_channels, -1).transpose(2, 1, 0)
+            .reshape(w.shape[1], w.shape[0]))
+  return w.T
 
 
 def _normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   # MPLayer (the reference's SNN wrapper) keeps λ under '<act>.act.up';
-  # BN's num_batches_tracked is a counter we do not need.
+  # BN's num_batches_tracked is a counter the zoo does not need.
   return {re.sub(r'\.act\.up$', '.up', k): v for k, v in state.items()
           if not k.endswith('.num_batches_tracked')}
 
 
 def _image_side(arch, model, state) -> int:
-  """Input side whose flattened VGG features match the checkpoint's."""
+  """Input side whose flattened VGG features fit the checkpoint's classifier
+  (224 for the reference's ImageNet VGG; a misfit fails the shape check)."""
   w = state.get('classifier.1.weight')
-  if arch != 'vgg16' or w is None or w.ndim != 2:
+  if arch != 'vgg16' or w is None:
     return 32
-  cells, rem = divmod(w.shape[1], model.blocks[-1][-1])
-  side = math.isqrt(cells)
-  return 32 * side if not rem and side * side == cells else 32
-
-
-def _assign(tree: dict, path, leaves: dict, dtype) -> None:
-  for name in path:
-    tree = tree.setdefault(name, {})
-  tree.update({k: jnp.asarray(np.asarray(v, dtype)) for k, v in
-               leaves.items()})
+  return 32 * max(1, math.isqrt(w.shape[-1] // model.blocks[-1][-1]))
 
 
 # ----------------------------------------------------------- public edges --
@@ -397,50 +341,48 @@ class TorchCheckpointInfo(NamedTuple):
 
 def _guess(state) -> TorchCheckpointInfo | None:
   """Architecture, classes and widths from the reference's key names."""
-  out_channels = lambda key: int(state[key].shape[0])
-  if 'classifier.7.weight' in state:
-    blocks = collections.defaultdict(dict)
-    for key, w in state.items():
-      m = re.fullmatch(r'layer(\d+)\.(\d+)\.weight', key)
-      if m and w.ndim == 4:
-        blocks[int(m[1])][int(m[2])] = int(w.shape[0])
-    blocks = tuple(tuple(b[i] for i in sorted(b)) for _, b in
-                   sorted(blocks.items()))
-    if tuple(map(len, blocks)) != tuple(map(len, models.VGG16_BLOCKS)):
-      return None
-    kwargs = {'blocks': blocks, 'hidden': out_channels('classifier.1.weight')}
-    default = {'blocks': models.VGG16_BLOCKS, 'hidden': 4096}
-    return TorchCheckpointInfo(
-        'vgg16', out_channels('classifier.7.weight'), None,
-        {k: v for k, v in kwargs.items() if v != default[k]})
-  if 'fc.weight' in state and 'conv1.0.weight' in state:
-    stages = collections.defaultdict(set)
-    for key in state:
-      m = re.match(r'conv(\d+)_x\.(\d+)\.', key)
-      if m:
-        stages[int(m[1])].add(int(m[2]))
-    sizes = tuple(len(stages[s]) for s in sorted(stages))
-    arch = _RESNET_STAGES.get(sizes)
-    if arch is None:
-      return None
-    kwargs = {
-        'stage_features': tuple(
-            out_channels(f'conv{s}_x.0.residual_function.0.weight')
-            for s in sorted(stages)),
-        'stem': 'imagenet' if state['conv1.0.weight'].shape[-1] == 7
-                else 'cifar'}
-    default = {'stage_features': models.get(
-        arch, num_classes=1, levels=1).stage_features, 'stem': 'cifar'}
-    return TorchCheckpointInfo(
-        arch, out_channels('fc.weight'), None,
-        {k: v for k, v in kwargs.items() if v != default[k]})
-  return None
+  width = lambda key: int(state[key].shape[0])
+  numbered = lambda pattern: sorted(
+      tuple(map(int, m.groups())) for m in map(re.compile(pattern).match, state)
+      if m)
+  try:
+    if 'classifier.7.weight' in state:  # VGG: layer{b}.{i}, classifier.{i}
+      convs = [(b, i) for b, i in numbered(r'layer(\d+)\.(\d+)\.weight$')
+               if state[f'layer{b}.{i}.weight'].ndim == 4]
+      blocks = tuple(tuple(width(f'layer{b}.{i}.weight') for b2, i in convs
+                           if b2 == b) for b in sorted({b for b, _ in convs}))
+      if tuple(map(len, blocks)) != tuple(map(len, models.VGG16_BLOCKS)):
+        return None
+      arch, classes = 'vgg16', width('classifier.7.weight')
+      kwargs = {'blocks': blocks, 'hidden': width('classifier.1.weight')}
+    else:  # ResNet: conv1.{i}, conv{s}_x.{b}.*, fc
+      blocks = set(numbered(r'conv(\d+)_x\.(\d+)\.'))
+      stages = sorted({s for s, _ in blocks})
+      arch = _RESNET_STAGES.get(tuple(
+          sum(1 for s2, _ in blocks if s2 == s) for s in stages))
+      if arch is None:
+        return None
+      classes = width('fc.weight')
+      kwargs = {'stage_features': tuple(
+          width(f'conv{s}_x.0.residual_function.0.weight') for s in stages),
+                'stem': ('imagenet' if state['conv1.0.weight'].shape[-1] == 7
+                         else 'cifar')}
+  except KeyError:
+    return None
+  default = models.get(arch, num_classes=classes, levels=1)
+  return TorchCheckpointInfo(arch, classes, None, {
+      k: v for k, v in kwargs.items() if v != getattr(default, k)})
+
+
+def _source(path_or_state_dict) -> str:
+  return ('the state_dict' if isinstance(path_or_state_dict, Mapping)
+          else os.fspath(path_or_state_dict))
 
 
 def inspect_torch_checkpoint(path_or_state_dict, *,
                              use_torch: bool = False) -> TorchCheckpointInfo:
   """Which zoo network a reference checkpoint holds (for CLIs: fill
-  ``load_torch_checkpoint``'s arguments from the file).
+  :func:`load_torch_checkpoint`'s arguments from the file).
 
   Raises:
     CheckpointError: unreadable, or keys of no zoo architecture.
@@ -459,37 +401,28 @@ def inspect_torch_checkpoint(path_or_state_dict, *,
   return info
 
 
-def _source(path_or_state_dict) -> str:
-  return ('the state_dict' if isinstance(path_or_state_dict, Mapping)
-          else os.fspath(path_or_state_dict))
-
-
-def _check_keys(state, expected: dict, arch: str, source: str) -> None:
+def _check(state, slots, arch: str, source: str) -> None:
+  """One line naming the first missing, unexpected or misshapen key."""
+  expected = {key: shape for key, _, _, shape in slots}
   missing = next((k for k in expected if k not in state), None)
   unexpected = next((k for k in state if k not in expected), None)
-  if missing is None and unexpected is None:
-    return
-  guess = _guess(state)
+  guess = _guess(state) if missing or unexpected else None
   hint = (f'; the file looks like {guess.arch}' if guess and guess.arch != arch
           else '')
-  if missing is not None:
-    extra = (f' (first unexpected key: {unexpected!r})' if unexpected else '')
+  if missing:
+    extra = f' (first unexpected key: {unexpected!r})' if unexpected else ''
     raise CheckpointError(f'{source} has no key {missing!r} that {arch} needs'
                           f'{extra}{hint}')
-  raise CheckpointError(f'{source} has unexpected key {unexpected!r} for '
-                        f'{arch}{hint}')
-
-
-def _check_shapes(state, expected: dict, arch: str, source: str) -> None:
+  if unexpected:
+    raise CheckpointError(f'{source} has unexpected key {unexpected!r} for '
+                          f'{arch}{hint}')
   for key, shape in expected.items():
-    got = state[key].shape
-    if key.endswith('.up') and math.prod(got) == 1:
-      continue
-    if tuple(got) != tuple(shape):
+    got = tuple(state[key].shape)
+    if got != shape and not (key.endswith('.up') and math.prod(got) == 1):
       raise CheckpointError(
-          f'{source}: key {key!r} has shape {tuple(got)}, {arch} with these '
-          f'arguments needs {tuple(shape)} (check num_classes and the widths;'
-          ' inspect_torch_checkpoint reads them from the file)')
+          f'{source}: key {key!r} has shape {got}, {arch} with these '
+          f'arguments needs {shape} (check num_classes and the widths; '
+          'inspect_torch_checkpoint reads them from the file)')
 
 
 def load_torch_checkpoint(path_or_state_dict, *, arch: str, num_classes: int,
@@ -527,22 +460,21 @@ def load_torch_checkpoint(path_or_state_dict, *, arch: str, num_classes: int,
     raise ValueError(f'arch must be one of {", ".join(ARCHS)}, got {arch!r}')
   model = models.get(arch, num_classes=num_classes, levels=levels,
                      **model_kwargs)
-  source = _source(path_or_state_dict)
   state = _normalise_keys(read_torch_state_dict(path_or_state_dict,
                                                 use_torch=use_torch))
-  layers, abstract = _named_layers(model, arch, _image_side(arch, model,
-                                                            state))
-  expected = {}
-  for layer in layers:
-    expected.update(_expected(layer, abstract))
-  _check_keys(state, expected, arch, source)
-  _check_shapes(state, expected, arch, source)
-  dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-  flatten_channels = model.blocks[-1][-1] if arch == 'vgg16' else None
+  layers, abstract = _named_layers(model, arch,
+                                   _image_side(arch, model, state))
+  _check(state, [s for layer in layers for s in _slots(layer, abstract)],
+         arch, _source(path_or_state_dict))
+  dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless x64
   variables = {}
   for layer in layers:
-    converted = _convert(layer, state, flatten_channels
-                         if layer.torch == 'classifier.1' else None)
-    for collection, leaves in converted.items():
-      _assign(variables.setdefault(collection, {}), layer.path, leaves, dtype)
+    flatten = (model.blocks[-1][-1] if layer.torch == 'classifier.1'
+               else None)
+    for key, collection, leaf, _ in _slots(layer, abstract):
+      tree = variables.setdefault(collection, {})
+      for name in layer.path:
+        tree = tree.setdefault(name, {})
+      tree[leaf] = jnp.asarray(np.asarray(
+          _to_zoo_layout(layer, leaf, state[key], flatten), dtype))
   return model, variables

@@ -178,6 +178,28 @@ def test_inspect_reads_arch_classes_levels_and_widths(name):
   assert info.model_kwargs == expected
 
 
+def test_full_width_resnet18_with_imagenet_stem():
+  # The paper's widths, from the resnet18 fixture's keys with each channel
+  # count mapped back (4, 6, 8, 10 -> 64, 128, 256, 512) and a 7x7 stem:
+  # zero-cost broadcast arrays, only shapes matter here.
+  full = {4: 64, 6: 128, 8: 256, 10: 512}
+  state = interop.read_torch_state_dict(_path('QCFS_CIFAR100_resnet18_L4'))
+  shapes = {k: tuple(full.get(n, n) if i < 2 else n
+                     for i, n in enumerate(v.shape)) for k, v in state.items()}
+  shapes['conv1.0.weight'] = (64, 3, 7, 7)
+  shapes['fc.weight'] = (100, 512)
+  synthetic = {k: np.broadcast_to(np.float32(0.5), s)
+               for k, s in shapes.items()}
+  info = interop.inspect_torch_checkpoint(synthetic)
+  assert info == ('resnet18', 100, None, {'stem': 'imagenet'})
+  model, variables = interop.load_torch_checkpoint(
+      synthetic, arch='resnet18', num_classes=100, levels=8, stem='imagenet')
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, 64, 64, 3)))
+  assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, abstract)
+  assert variables['params']['Conv_0']['kernel'].shape == (7, 7, 3, 64)
+
+
 # ----------------------------------------------- state_dict conveniences --
 
 def test_wrapped_dataparallel_and_mplayer_keys_load_the_same():
@@ -324,6 +346,12 @@ def test_not_a_checkpoint(tmp_path):
   assert 'data.pkl' in _one_line_error(_load, VGG_CIFAR, empty_zip)
   assert 'no checkpoint file' in _one_line_error(
       _load, VGG_CIFAR, tmp_path / 'absent.pth')
+
+
+def test_keys_of_no_zoo_architecture():
+  state = {'features.0.weight': np.zeros((8, 3, 3, 3), np.float32)}
+  message = _one_line_error(interop.inspect_torch_checkpoint, state)
+  assert 'match none of' in message and "'features.0.weight'" in message
 
 
 def test_wrong_arch_names_the_first_missing_key():
