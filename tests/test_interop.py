@@ -12,7 +12,11 @@ extracted copy of that repository::
   cd /tmp/ref_cos && /tmp/torchvenv/bin/python <generator> tests/fixtures/torch
 
 The generator (not committed: it imports the reference's code) did, per
-fixture ``QCFS_<dataset>_<arch>_L<L>`` (their ``train_ann`` save name):
+fixture ``QCFS_<dataset>_<arch>_L<L>`` (their ``train_ann`` save name), with
+seed = 1 (vgg16 CIFAR), 2 (resnet20), 3 (resnet18), 4 (resnet34), 5 (vgg16
+ImageNet): ``torch.manual_seed(seed)`` (their constructors' own weight init),
+then every other random number from one ``torch.Generator`` seeded with seed,
+in this order:
 
 1. Narrowing: while their ``vgg16(num_classes)`` / ``resnet20`` / ``resnet18``
    / ``resnet34`` constructor ran, the ``nn`` their module imported was
@@ -21,31 +25,28 @@ fixture ``QCFS_<dataset>_<arch>_L<L>`` (their ``train_ann`` save name):
    theirs: VGG-16 CIFAR {64:4, 128:6, 256:8, 512:10, 4096:16}; VGG-16 ImageNet
    (num_classes=1000, so their 512·7·7 classifier) {64:2, 128:3, 256:4, 512:5,
    25088:245, 4096:8}; ResNet-20 {16:4, 32:6, 64:8}; ResNet-18/34
-   {64:4, 128:6, 256:8, 512:10}.
-2. Their ``replace_maxpool2d_by_avgpool2d`` and ``replace_activation_by_floor
-   (model, L)``; ``torch.manual_seed(seed)`` and a ``torch.Generator`` seeded
-   with seed (vgg16 CIFAR 1, resnet20 2, resnet18 3, resnet34 4, vgg16
-   ImageNet 5) for everything below.
-3. Random weights: each QCFS ``up`` (λ) ~ U[1, 8]; each BN weight ~
-   λ/2·U[0.5, 1.5] and bias ~ λ·U[-0.25, 0.5] (λ of the activation after it);
-   Linear weights ×2; conv/linear biases ~ U[-0.5, 0.5]. Running statistics:
-   BN momentum None, three train-mode forward passes of 16 (ImageNet: 4)
-   N(0, 1) images, momentum back to 0.1, eval mode. Then each Linear feeding a
-   QCFS, in order, was rescaled per output feature to std λ/2 and mean
-   λ·U[-0.25, 0.5] over another such batch (so deep classifier layers spike).
-4. ``torch.save(model.state_dict(), '<name>.pth')`` in float32.
-5. Images: ``round(32·N(0, 1))`` clipped to int8 (``image_codes``, NHWC;
+   {64:4, 128:6, 256:8, 512:10}. Then their ``replace_maxpool2d_by_avgpool2d``
+   and ``replace_activation_by_floor(model, L)``.
+2. Over ``model.modules()`` in order: every QCFS ``up`` (λ) ~ U[1, 8]; then
+   every BN weight ~ λ/2·U[0.5, 1.5] and bias ~ λ·U[-0.25, 0.5] (λ of the
+   activation after it), every Linear weight ×2 and every conv/linear bias ~
+   U[-0.5, 0.5]. Running statistics: BN momentum None, three train-mode
+   passes of 16 (ImageNet: 4) N(0, 1) images, momentum back to 0.1, eval
+   mode. Then one more such batch, and each Linear feeding a QCFS, in order,
+   rescaled per output feature so that its output on that batch has
+   (unbiased) std λ/2 and mean λ·U[-0.25, 0.5].
+3. ``torch.save(model.state_dict(), '<name>.pth')`` (float32).
+4. Images: ``round(32·N(0, 1))`` clipped to int8 (``image_codes``, stored NHWC;
    the image is codes · ``image_scale`` = 1/32, exact in float64), 4 images on
    CIFAR, 2 at 224×224. ``logits``: ``model.double()`` on them (eval, QCFS).
-6. VGG-16 and ResNet-20 only: their ``replace_activation_by_MPLayer(model,
+5. VGG-16 and ResNet-20 only: their ``replace_activation_by_MPLayer(model,
    presim_len=4, sim_len=4, batchsize=B)`` (COS calibration, ρ = T = 4, one
-   iteration), one forward pass in float64 with a forward hook on every
-   MPLayer: ``spike_count_<k>`` = output / v_threshold summed over the 4 steps
-   (NHWC, uint8), ``snn_outputs`` = the final layer's [T, B, C] outputs.
+   iteration) and one float64 forward pass with a forward hook on every
+   MPLayer: ``spike_count_<k>`` (k in call order) = its output [T·B, ...]
+   (time-major) / v_threshold, summed over the 4 steps (NHWC, uint8);
+   ``snn_outputs`` = the final layer's outputs as [T, B, C].
 
-No torch is needed here. Break-checks done while writing (each went red): no
-NCHW->NHWC row permutation, conv weights not transposed, an unrestricted
-find_class, and evaluate_snn with init='half' instead of COS.
+No torch is needed to run these tests.
 """
 
 import collections
