@@ -24,11 +24,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Calibration (cos_jax.Calibration): probe steps ρ, probe/shift rounds,
   # 'layerwise' (the paper) or 'global' (network-wide), Theorem-2 ε as a
-  # fraction of the threshold.
+  # fraction of the threshold, and what happens to a neuron that fired at
+  # every probe step and still wants more spikes: 'keep' it or make it 'fire'
+  # at every later step (the PyTorch reference's behaviour).
   config.rho = 8
   config.iterations = 1
   config.schedule = 'layerwise'
   config.epsilon = 1e-3
+  config.saturated = 'keep'
 
   # Simulation: accuracy is reported at T = 1, 2, 4, ... up to T for each v0
   # method in `init` (comma-separated: cos, half, lightweight, zero, random);

@@ -102,6 +102,7 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
                      *, T: int, init: str = 'cos', rho: int | None = None,
                      iterations: int = 1, schedule: str = 'layerwise',
                      epsilon: float = neuron.DEFAULT_EPSILON,
+                     saturated: str = 'keep',
                      key: jax.Array | None = None,
                      mask: jax.Array | None = None):
   """Per-layer offset-spike statistics of one batch (sums over the batch).
@@ -109,7 +110,7 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
   Args:
     model, variables, images: a zoo model, its variables, ``[B, H, W, C]``.
     T: the window the offset spikes are counted over (the paper uses T = L).
-    init, rho, iterations, schedule, epsilon, key: as in
+    init, rho, iterations, schedule, epsilon, saturated, key: as in
       :func:`cos_jax.evaluate_snn`; ``init='half'`` gives the uncalibrated
       "before" picture, ``init='cos'`` the calibrated one.
     mask: optional ``[B]`` 0/1 weights (padding samples get 0).
@@ -122,7 +123,7 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
     ``[T, B, C]`` SNN output of the same run.
   """
   calibration = methods.calibration_for(init, rho, iterations, schedule,
-                                        epsilon)
+                                        epsilon, saturated)
   if mask is None:
     mask = jnp.ones(images.shape[:1], jnp.int32)
   return statistics(model, variables, images, mask, key, T=T, method=init,

@@ -20,9 +20,11 @@ and a save can never see a buffer that a later (donating) step reuses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +33,36 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cos_jax import data
-from cos_jax.train_config import (ARCHITECTURE_FIELDS, ConfigError,
-                                  abstract_variables, architecture,
-                                  create_model, first_line)
+from cos_jax.train_config import (ConfigError, abstract_variables,
+                                  check_resume, create_model, first_line)
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 BEST_DIR = 'best'
 LOG_FILE = 'log.jsonl'
+LOCK_FILE = '.lock'  # held by the run training in the workdir
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
 
 class CheckpointError(RuntimeError):
   """A workdir without a usable checkpoint (missing, corrupted, mismatched)."""
+
+
+def tree_digests(tree) -> dict[str, str]:
+  """SHA-256 of every array of ``tree`` (its dtype, shape and bytes), by path."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest = hashlib.sha256(f'{array.dtype.str}{array.shape}'.encode())
+    digest.update(array.tobytes())
+    out[jax.tree_util.keystr(path)] = digest.hexdigest()
+  return out
+
+
+def combined_digest(digests: dict[str, str]) -> str:
+  """One SHA-256 over all the (path, digest) pairs of :func:`tree_digests`."""
+  return hashlib.sha256(json.dumps(sorted(digests.items())).encode()
+                        ).hexdigest()
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict | None:
@@ -53,10 +72,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
   except (OSError, ValueError) as e:
-    raise CheckpointError(f'{path} is unreadable ({e}); it is not a config '
-                          f'written by train.py') from None
+    raise CheckpointError(f'{path} is unreadable ({first_line(e)}); it is not '
+                          'a config written by train.py') from None
+  if not isinstance(saved, dict):
+    raise CheckpointError(f'{path} holds a {type(saved).__name__}, not a '
+                          'config written by train.py')
+  return ml_collections.ConfigDict(saved)
 
 
 def finalized_steps(directory: str) -> list[int]:
@@ -69,15 +92,19 @@ def finalized_steps(directory: str) -> list[int]:
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """Checks that ``workdir`` is new or holds a run of the same architecture.
+  """Checks that ``workdir`` is new or holds the same run, to resume.
 
   Returns:
     True if the workdir holds checkpoints (the run will resume).
 
   Raises:
-    ConfigError: the saved config.json disagrees on an architecture field,
-      or checkpoints exist without a config.json.
+    ConfigError: the workdir is a file, holds checkpoints without a
+      config.json, or holds a run the config would change (see
+      :func:`cos_jax.train_config.check_resume`).
+    CheckpointError: its config.json is unreadable.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is a file: pass a directory')
   saved = read_config(workdir)
   has_checkpoints = any(finalized_steps(os.path.join(workdir, d))
                         for d in (CHECKPOINT_DIR, BEST_DIR))
@@ -86,14 +113,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
       raise ConfigError(f'{workdir} holds checkpoints but no {CONFIG_FILE}: '
                         f'use a new --workdir')
     return False
-  old, new = architecture(saved), architecture(config)
-  diff = [k for k in ARCHITECTURE_FIELDS if old[k] != new[k]]
-  if diff:
-    have = ', '.join(f'{k}={old[k]!r}' for k in diff)
-    want = ', '.join(f'{k}={new[k]!r}' for k in diff)
-    raise ConfigError(
-        f'{workdir} holds a run with {have} but the config asks for {want}: '
-        f'use a new --workdir, or the config it was trained with')
+  if has_checkpoints:
+    check_resume(saved, config, workdir)
   return has_checkpoints
 
 
@@ -144,7 +165,10 @@ class Manager:
   """One Orbax CheckpointManager over a directory of step checkpoints.
 
   Items: 'variables' and 'train' (StandardCheckpointHandler, host NumPy
-  trees) and 'metadata' (JSON).
+  trees), 'metadata' (JSON), and 'digests': the SHA-256 of every saved array
+  (:func:`tree_digests`), written with the arrays and checked on every
+  restore, so a corrupted file is refused instead of loaded. Checkpoints
+  written before digests existed restore unverified.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int, create: bool,
@@ -157,7 +181,8 @@ class Manager:
         self.directory, options=options, item_handlers={
             'variables': ocp.StandardCheckpointHandler(),
             'train': ocp.StandardCheckpointHandler(),
-            'metadata': ocp.JsonCheckpointHandler()})
+            'metadata': ocp.JsonCheckpointHandler(),
+            'digests': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -166,10 +191,14 @@ class Manager:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, **items) -> None:
-    """Saves host trees (``variables``, ``train``) and JSON ``metadata``."""
+    """Saves host trees (``variables``, ``train``), JSON ``metadata``, and
+    the digests of the trees."""
+    digests = {name: tree_digests(value) for name, value in items.items()
+               if name != 'metadata'}
     args = {name: (ocp.args.JsonSave(value) if name == 'metadata'
                    else ocp.args.StandardSave(value))
             for name, value in items.items()}
+    args['digests'] = ocp.args.JsonSave(digests)
     self._manager.save(step, args=ocp.args.Composite(**args))
 
   def restore_variables(self, step: int, abstract: dict) -> dict:
@@ -195,23 +224,68 @@ class Manager:
     return self._restore(step, train=target)['train']
 
   def restore_metadata(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))['metadata']
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          metadata=ocp.args.JsonRestore()))['metadata']
+    except Exception as e:  # pylint: disable=broad-except
+      raise _corrupted(self.where(step), e,
+                       'delete it to use an earlier one') from None
+
+  def stored_digests(self, step: int) -> dict | None:
+    """The digests saved with ``step`` (None for a checkpoint without)."""
+    if not os.path.isdir(os.path.join(self.where(step), 'digests')):
+      return None
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          digests=ocp.args.JsonRestore()))['digests']
+    except Exception as e:  # pylint: disable=broad-except
+      raise _corrupted(self.where(step), e,
+                       'delete it to use an earlier one') from None
 
   def _restore(self, step: int, **targets) -> dict:
+    stored = self.stored_digests(step)
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(**{
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
           name: ocp.args.StandardRestore(target)
           for name, target in targets.items()}))
     except Exception as e:  # pylint: disable=broad-except
       raise _corrupted(self.where(step), e,
                        'delete it to use an earlier one') from None
+    for name in targets if stored is not None else ():
+      actual = tree_digests(restored[name])
+      if actual != stored.get(name):
+        key = next((k for k in sorted(set(actual) | set(stored.get(name, {})))
+                    if actual.get(k) != stored.get(name, {}).get(k)), name)
+        raise CheckpointError(
+            f'checkpoint {self.where(step)} failed its integrity check '
+            f'({name}{key} differs from the digest saved with it): the file '
+            'is corrupted; delete it to use an earlier one')
+    return restored
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+class Restored(NamedTuple):
+  """A loaded checkpoint: what :func:`restore` returns.
+
+  Attributes:
+    config: the workdir's training config.
+    model: the zoo module it describes.
+    variables: ``{'params', 'batch_stats'}`` (jax.Arrays).
+    step: the training step the checkpoint was saved at.
+    digest: :func:`combined_digest` of the variables.
+    verified: whether digests were saved with it and matched.
+  """
+  config: ml_collections.ConfigDict
+  model: Any
+  variables: dict
+  step: int
+  digest: str
+  verified: bool
 
 
 def load_checkpoint(workdir: str, *, which: str = 'best'):
@@ -227,12 +301,21 @@ def load_checkpoint(workdir: str, *, which: str = 'best'):
 
   Raises:
     CheckpointError: (one-line message) no such workdir / checkpoint, a
-      corrupted checkpoint, or one whose parameter tree does not match the
-      architecture in the workdir's config.json.
+      corrupted checkpoint (unreadable, or arrays that differ from the digests
+      saved with them), non-finite parameters, or a parameter tree that does
+      not match the architecture in the workdir's config.json.
   """
+  return restore(workdir, which=which)[:3]
+
+
+def restore(workdir: str, *, which: str = 'best') -> Restored:
+  """:func:`load_checkpoint` with the step, digest and verification."""
   if which not in ('best', 'latest'):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
   workdir = os.path.abspath(workdir)
+  if os.path.isfile(workdir):
+    raise CheckpointError(f'--workdir {workdir} is a file, not a train.py '
+                          'workdir')
   if not os.path.isdir(workdir):
     raise CheckpointError(f'no workdir {workdir}: train one with '
                           f'python train.py --workdir {workdir}')
@@ -255,8 +338,23 @@ def load_checkpoint(workdir: str, *, which: str = 'best'):
                           f'({first_line(e)})') from None
   manager = Manager(directory, max_to_keep=10**6, create=False)
   try:
-    variables = manager.restore_variables(manager.latest_step(), abstract)
+    step = manager.latest_step()
+    variables = manager.restore_variables(step, abstract)
+    verified = manager.stored_digests(step) is not None
   finally:
     manager.close()
-  return config, model, jax.tree.map(jnp.asarray, variables)
-
+  bad = [jax.tree_util.keystr(path) for path, leaf in
+         jax.tree_util.tree_flatten_with_path(variables)[0]
+         if not np.all(np.isfinite(leaf))]
+  if bad:
+    raise CheckpointError(
+        f'checkpoint {manager.where(step)} holds non-finite values (first in '
+        f'{bad[0]}): the run that wrote it diverged; use an earlier checkpoint')
+  thresholds = [leaf for path, leaf in
+                jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+                if jax.tree_util.keystr(path).endswith("['threshold']")]
+  if any(np.any(t <= 0) for t in thresholds):
+    raise CheckpointError(f'checkpoint {manager.where(step)} has a threshold '
+                          '<= 0, which no IF neuron can use')
+  return Restored(config, model, jax.tree.map(jnp.asarray, variables), step,
+                  combined_digest(tree_digests(variables)), verified)

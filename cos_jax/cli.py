@@ -21,12 +21,13 @@ from ml_collections import config_flags
 from cos_jax import runtime
 from cos_jax.checkpoints import CheckpointError
 from cos_jax.data import DatasetUnavailableError
+from cos_jax.metrics_log import DivergedError
 from cos_jax.settings import SettingsError
 from cos_jax.train_config import ConfigError, first_line
 
 # Errors whose message tells the user what to change.
 USAGE_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError,
-                SettingsError)
+                SettingsError, DivergedError, runtime.BusyError)
 
 
 def fail(program: str, message: str) -> NoReturn:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cos_jax import analysis, methods, runtime, snn
+from cos_jax import analysis, data, methods, runtime, snn
 from cos_jax.settings import (Calibration, SettingsError, check_positive_int,
                               check_time_chunk)
 
@@ -60,7 +60,8 @@ class ConversionSettings:
     analysis_T = config.get('analysis_T')
     return cls(
         calibration=Calibration(config.rho, config.iterations,
-                                config.schedule, config.epsilon),
+                                config.schedule, config.epsilon,
+                                config.saturated),
         T=check_positive_int('T', config.T),
         methods=names,
         analysis_T=(None if analysis_T is None
@@ -77,6 +78,62 @@ class ConversionSettings:
 
   def calibration_of(self, name: str) -> Calibration | None:
     return self.calibration if methods.get(name).calibrated else None
+
+
+def longest_block(settings: ConversionSettings, analysis_T: int
+                  ) -> tuple[int, str]:
+  """(steps, the setting that sets them) of the longest time-folded block
+  among the method runs and the offset-spike analysis."""
+  chunk = settings.time_chunk
+  blocks = [(analysis_T, 'analysis_T')]
+  for name in settings.methods:
+    calibration = settings.calibration_of(name)
+    probe = calibration.rho if calibration else 1
+    steps = snn.block_steps(settings.time_steps(name), probe, chunk)
+    if chunk is None:
+      blocks.append((steps, 'time_chunk'))
+    elif probe > chunk:
+      blocks.append((steps, 'rho'))
+    else:
+      blocks.append((steps, 'batch_size'))
+  return max(blocks)
+
+
+def check_memory(model, variables, image_shape, settings: ConversionSettings,
+                 batch_size: int, analysis_T: int) -> None:
+  """Refuses a run whose longest block cannot fit in the devices' memory.
+
+  Uses :func:`cos_jax.snn.memory_bound` (from shapes, before compiling) and
+  :func:`cos_jax.runtime.memory_budget`; raises SettingsError naming the
+  setting that made the block long.
+  """
+  budget = runtime.memory_budget()
+  if budget is None:
+    return
+  steps, field = longest_block(settings, analysis_T)
+  need = snn.memory_bound(model, variables, image_shape, batch=batch_size,
+                          steps=steps)
+  if need > 0.9 * budget:
+    value = {'analysis_T': analysis_T, 'rho': settings.calibration.rho,
+             'time_chunk': 0, 'batch_size': batch_size}[field]
+    fix = {'time_chunk': 'set --time_chunk (e.g. 8)',
+           'batch_size': 'lower --batch_size'}.get(
+               field, f'lower --{field} or --batch_size')
+    raise SettingsError(
+        field, f'{value} makes a block of {steps} time-steps × {batch_size} '
+        f'images that needs up to {need / 2**30:.1f} GiB, more than the '
+        f'{budget / 2**30:.1f} GiB available: {fix}')
+
+
+def image_steps(settings: ConversionSettings, analysis_T: int) -> int:
+  """Time-steps simulated per image by one conversion run (all methods, the
+  probes and the analysis), to size the work before it starts."""
+  total = 2 * analysis_T
+  for name in settings.methods:
+    calibration = settings.calibration_of(name)
+    total += max(settings.time_steps(name), calibration.rho if calibration
+                 else 0)
+  return total
 
 
 @jax.jit
@@ -105,16 +162,15 @@ def ann_correct(model, variables, images, labels, mask):
 
 def convert_and_evaluate(model, variables, batches: Iterable[dict],
                          settings: ConversionSettings, *,
-                         batch_size: int, mesh: Mesh | None = None,
+                         mesh: Mesh | None = None,
                          progress: Any = None) -> dict[str, Any]:
   """Runs the ANN and the SNN variants over ``batches``.
 
   Args:
     model, variables: a zoo model and its ``{'params', 'batch_stats'}``.
-    batches: iterable of ``{'image': [b, H, W, C], 'label': [b]}`` with
-      b ≤ ``batch_size`` (a short last batch is padded and masked).
+    batches: iterable of ``{'image': [b, H, W, C], 'label': [b]}``; each batch
+      is padded (and masked) to a multiple of the mesh size only.
     settings: see :class:`ConversionSettings`.
-    batch_size: the padded batch size (a multiple of the mesh size).
     mesh: 1-D mesh with axis 'data' (default: all devices).
     progress: optional tqdm-like object with ``update(n)``.
 
@@ -122,11 +178,12 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     ``{'examples', 'ann_accuracy', 'curves': {method: [accuracy at t=1..]},
     'layers': {'before': per-layer stats, 'after': per-layer stats},
     'analysis_T', 'seconds': {...}}``.
+
+  Raises:
+    cos_jax.data.DatasetUnavailableError: a batch holds non-finite pixels
+      (the IF neurons would silently ignore them; see docs/semantics.md).
   """
   mesh = mesh or runtime.make_mesh()
-  if batch_size % mesh.size:
-    raise SettingsError('batch_size', f'{batch_size} must be a multiple of '
-                        f'the {mesh.size} devices')
   replicated, batch_sharding = runtime.shardings(mesh)
   variables = jax.device_put(
       {k: variables[k] for k in ('params', 'batch_stats')}, replicated)
@@ -152,8 +209,13 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
 
   for batch in batches:
     n = len(batch['label'])
-    batch = runtime.to_global(runtime.pad_batch(batch, batch_size),
-                              batch_sharding)
+    if not np.all(np.isfinite(batch['image'])):
+      raise data.DatasetUnavailableError(
+          f'images {examples}..{examples + n - 1} of the split hold non-finite '
+          'values: the dataset is damaged; prepare it again')
+    batch = runtime.to_global(
+        runtime.pad_batch(batch, -(-n // mesh.size) * mesh.size),
+        batch_sharding)
     images, labels, mask = batch['image'], batch['label'], batch['mask']
     key, batch_key = jax.random.split(key)
     ann_hits += int(timed('ann', lambda: ann_correct(

@@ -9,14 +9,13 @@ progress bar, prints the tables and writes the files of ``cos_jax.report``.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 
 import jax
 import tqdm
 
-from cos_jax import checkpoints, conversion, data, report
+from cos_jax import checkpoints, conversion, data, report, runtime
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
@@ -64,8 +63,8 @@ def convert(config) -> dict:
   """Runs the conversion that ``config`` describes; returns results.json's dict.
 
   Raises:
-    SettingsError / CheckpointError / DatasetUnavailableError (one line),
-    before any measurement and before anything is written.
+    SettingsError / CheckpointError / DatasetUnavailableError / BusyError
+    (one line), before any measurement and before anything is written.
   """
   settings = ConversionSettings.from_config(config)
   check_positive_int('batch_size', config.batch_size)
@@ -75,42 +74,60 @@ def convert(config) -> dict:
     raise SettingsError('checkpoint', f"must be 'best' or 'latest', got "
                         f'{config.checkpoint!r}')
   out = output_dir(config)
-  train_config, model, variables = checkpoints.load_checkpoint(
-      config.workdir, which=config.checkpoint)
+  restored = checkpoints.restore(config.workdir, which=config.checkpoint)
+  train_config, model = restored.config, restored.model
   spec = data.dataset_info(train_config.dataset)
   split = config.split or spec.test_split
-  devices = jax.device_count()
-  batch_size = math.ceil(config.batch_size / devices) * devices
-  batches = _batches(config, train_config.dataset, split, config.batch_size)
   total = spec.split_sizes.get(split)
   if config.num_examples:
     total = min(total or config.num_examples, config.num_examples)
-  calibration = settings.calibration
-  print(f'Converting {config.workdir} ({train_config.model}, '
-        f'L={train_config.levels}, {train_config.dataset}:{split}) on '
-        f'{devices} {jax.devices()[0].platform} device(s): '
-        f'rho={calibration.rho}, T<={settings.T}, '
-        f'iterations={calibration.iterations}, '
-        f'schedule={calibration.schedule}, init={",".join(settings.methods)}',
-        flush=True)
-  start = time.time()
-  with tqdm.tqdm(total=total, unit='img', desc='convert',
-                 dynamic_ncols=True) as bar:
-    result = conversion.convert_and_evaluate(
-        model, variables, batches, settings, batch_size=batch_size,
-        progress=bar)
-  wall = time.time() - start
-  print()
-  print(report.format_table(*report.summary_rows(result, settings)))
-  print()
-  print(report.format_layers(result))
-  meta = {'workdir': os.path.abspath(config.workdir),
-          'checkpoint': config.checkpoint, 'model': train_config.model,
-          'levels': train_config.levels, 'dataset': train_config.dataset,
-          'split': split, 'devices': devices,
-          'platform': jax.devices()[0].platform, 'wall_seconds': wall,
-          'config': config.to_dict()}
-  written = report.write_results(out, result, settings, meta)
+  devices = jax.device_count()
+  # Batches are padded to a device multiple only: a batch size above the
+  # split's size costs nothing.
+  batch_size = min(config.batch_size, total or config.batch_size)
+  analysis_T = settings.analysis_T or model.levels
+  conversion.check_memory(model, restored.variables, spec.image_shape,
+                          settings, -(-batch_size // devices) * devices,
+                          analysis_T)
+  with runtime.exclusive_lock(_lock_path(out), f'--output_dir {out}'):
+    batches = _batches(config, train_config.dataset, split, batch_size)
+    calibration = settings.calibration
+    print(f'Converting {config.workdir} ({train_config.model}, '
+          f'L={train_config.levels}, {train_config.dataset}:{split}, '
+          f'{config.checkpoint} checkpoint at step {restored.step}) on '
+          f'{devices} {jax.devices()[0].platform} device(s): '
+          f'rho={calibration.rho}, T<={settings.T}, '
+          f'iterations={calibration.iterations}, '
+          f'schedule={calibration.schedule}, '
+          f'init={",".join(settings.methods)}; '
+          f'{conversion.image_steps(settings, analysis_T)} simulated '
+          'time-steps per image', flush=True)
+    start = time.time()
+    with tqdm.tqdm(total=total, unit='img', desc='convert',
+                   dynamic_ncols=True) as bar:
+      result = conversion.convert_and_evaluate(
+          model, restored.variables, batches, settings, progress=bar)
+    wall = time.time() - start
+    print()
+    print(report.format_table(*report.summary_rows(result, settings)))
+    print()
+    print(report.format_layers(result))
+    meta = {'workdir': os.path.abspath(config.workdir),
+            'checkpoint': config.checkpoint,
+            'checkpoint_step': restored.step,
+            'checkpoint_digest': restored.digest,
+            'checkpoint_verified': restored.verified,
+            'model': train_config.model, 'levels': train_config.levels,
+            'dataset': train_config.dataset, 'split': split,
+            'devices': devices, 'platform': jax.devices()[0].platform,
+            'wall_seconds': wall, 'config': config.to_dict()}
+    written = report.write_results(out, result, settings, meta)
   print(f'\n{result["examples"]} examples in {wall:.0f} s; wrote '
         f'{", ".join(os.path.basename(p) for p in written)} to {out}')
   return {**meta, **result}
+
+
+def _lock_path(out: str) -> str:
+  """The lock of an output directory: a hidden file beside it."""
+  out = os.path.abspath(out)
+  return os.path.join(os.path.dirname(out), f'.{os.path.basename(out)}.lock')

@@ -56,10 +56,11 @@ def get(name: str) -> Method:
 
 
 def calibration_for(name: str, rho: int | None, iterations: int,
-                    schedule: str, epsilon: float) -> Calibration | None:
+                    schedule: str, epsilon: float,
+                    saturated: str = 'keep') -> Calibration | None:
   """The validated Calibration of method ``name`` (None if it takes none)."""
   if get(name).calibrated:
-    return Calibration(rho, iterations, schedule, epsilon)
+    return Calibration(rho, iterations, schedule, epsilon, saturated)
   return None
 
 
@@ -85,9 +86,10 @@ def layer_v0(name: str, probe_currents: jax.Array, threshold: jax.Array,
   """
   like = probe_currents[0]
   if name == 'cos':
-    return neuron.calibrate_layer(probe_currents, threshold, v0,
-                                  iterations=rounds,
-                                  epsilon=calibration.epsilon)
+    return neuron.calibrate_layer(
+        probe_currents, threshold, v0, iterations=rounds,
+        epsilon=calibration.epsilon,
+        saturate=calibration.saturated == 'fire')
   if name == 'lightweight':  # paper A.5: v(0) <- v(ρ)
     return jax.lax.fori_loop(
         0, rounds, lambda _, v: neuron.probe(probe_currents, threshold, v).v,

@@ -10,6 +10,7 @@ exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -17,6 +18,10 @@ import jax
 import numpy as np
 
 from cos_jax import runtime
+
+
+class DivergedError(RuntimeError):
+  """A training step produced a non-finite loss (one-line message)."""
 
 
 class MetricsLog:
@@ -84,16 +89,26 @@ class RunningSums:
     self._pending = None
     self._on_step = on_step
 
-  def push(self, metrics) -> None:
-    """Records a step's (device) metrics; fetches the previous step's."""
+  def push(self, metrics, step: int) -> None:
+    """Records step ``step``'s (device) metrics; fetches the previous step's."""
     self.settle()
-    self._pending = metrics
+    self._pending = (metrics, step)
 
   def settle(self) -> None:
-    """Waits for the pending step and adds its metrics."""
+    """Waits for the pending step and adds its metrics.
+
+    Raises:
+      DivergedError: the step's loss is not finite.
+    """
     if self._pending is None:
       return
-    metrics, self._pending = jax.device_get(self._pending), None
+    (metrics, step), self._pending = jax.device_get(self._pending), None
+    if not math.isfinite(float(metrics['loss'])):
+      raise DivergedError(
+          f'training diverged: the loss is {float(metrics["loss"])} at step '
+          f'{step}; nothing from that step on was saved. Lower '
+          '--config.learning_rate (or check the data), then rerun: it resumes '
+          'from the last checkpoint')
     for k in self.KEYS:
       value = float(metrics[k])
       self.epoch[k] += value

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -52,6 +53,7 @@ def qcfs(x: Array, threshold: Array, levels: int) -> Array:
   """
   if isinstance(levels, int) and levels <= 0:
     raise ValueError(f'levels must be a positive integer, got {levels}')
+  check_threshold(threshold)
   threshold = jnp.asarray(threshold, x.dtype)
   scaled = x * levels / threshold + 0.5
   # Straight-through floor: forward floor(scaled), backward identity.
@@ -99,6 +101,19 @@ class IFResult(NamedTuple):
                       self.max_silent_v)
 
 
+def check_threshold(threshold) -> None:
+  """Raises ValueError unless a concrete θ is finite and > 0 everywhere.
+
+  Traced values (inside ``jit``) cannot be inspected and pass unchecked.
+  """
+  if isinstance(threshold, jax.core.Tracer):
+    return
+  value = np.asarray(threshold)
+  if value.size and not np.all(np.isfinite(value) & (value > 0)):
+    raise ValueError(f'threshold θ must be finite and > 0 (an IF neuron '
+                     f'cannot fire against θ <= 0), got {value.min()}')
+
+
 def half_threshold(threshold: Array, like: Array) -> Array:
   """The QCFS-matched initial potential θ/2, broadcast to ``like``'s shape."""
   return jnp.broadcast_to(jnp.asarray(threshold, like.dtype) / 2, like.shape)
@@ -106,6 +121,10 @@ def half_threshold(threshold: Array, like: Array) -> Array:
 
 def _if_scan(currents: Array, threshold: Array, v0: Array | None,
              keep_spikes: bool, keep_stats: bool = True):
+  if currents.ndim == 0 or currents.shape[0] == 0:
+    raise ValueError(f'currents need a leading time axis of at least one '
+                     f'step, got shape {currents.shape}')
+  check_threshold(threshold)
   threshold = jnp.asarray(threshold, currents.dtype)
   step_shape = currents.shape[1:]
   if v0 is None:
@@ -159,6 +178,12 @@ def if_neuron(currents: Array, threshold: Array,
     statistics (final potential, spike count, min potential over spike steps,
     max potential over silent steps).
 
+  Non-finite currents are not an error here (they may be traced): a NaN
+  current never fires (``NaN ≥ θ`` is false) and leaves v NaN for the rest of
+  the run; +inf fires and leaves v = inf - θ = inf, so the neuron fires at
+  every later step; -inf silences it. Check inputs with ``jnp.isfinite``
+  (``convert.py`` refuses non-finite images).
+
   Example:
     >>> r = cos_jax.if_neuron(jnp.full((4, 3), 0.6), 1.0)   # T=4, 3 neurons
     >>> r.spikes.sum(0), r.v                 # 0.5 + 4·0.6 = 2.9 -> 2 spikes, v=0.9
@@ -198,7 +223,8 @@ def probe(currents: Array, threshold: Array,
 
 
 def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, probe_steps: int,
-             epsilon: float = DEFAULT_EPSILON) -> Array:
+             epsilon: float = DEFAULT_EPSILON, *,
+             saturate: bool = False) -> Array:
   """One COS step: decide the sign of the offset spike and shift v(0) (Thms 1-3).
 
   Let δ = v0 - θ/2 be the shift accumulated so far and r = v(ρ) - δ the residual
@@ -211,6 +237,13 @@ def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, probe_steps: int,
     ``max(θ, θ + ε - max{v(t)|s(t)=0})`` (Theorem 2(ii): exactly one more);
   * otherwise leave v0 unchanged.
 
+  A neuron that fired at every probe step and still has r ≥ θ wants more
+  spikes than one per step can give; no up-shift of Theorem 2 applies (it has
+  no silent step). With ``saturate`` it gets v(0) = +inf: it then fires at
+  every later step whatever its input (the PyTorch reference reaches nearly
+  the same by a -1000 placeholder for the missing silent potential, i.e. an
+  up-shift of about 1000θ). Without, it is left as it is.
+
   Args:
     v0: the potential the probe started from.
     stats: :class:`ProbeStats` of a probe from ``v0``.
@@ -218,6 +251,7 @@ def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, probe_steps: int,
     probe_steps: ρ, the number of probe steps (to know "fired at every
       step").
     epsilon: ε as a fraction of θ, in (0, 1).
+    saturate: the rule for neurons that fired at every probe step (above).
 
   Returns:
     The shifted initial potential, shaped like ``v0``.
@@ -231,7 +265,11 @@ def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, probe_steps: int,
   # The inf sentinels only ever sit in the branch `where` discards.
   down = jnp.maximum(threshold, stats.min_fired_v + eps)
   up = jnp.maximum(threshold, threshold + eps - stats.max_silent_v)
-  return jnp.where(too_many, v0 - down, jnp.where(too_few, v0 + up, v0))
+  shifted = jnp.where(too_many, v0 - down, jnp.where(too_few, v0 + up, v0))
+  if saturate:
+    saturated = (stats.spike_count >= probe_steps) & (residual >= threshold)
+    shifted = jnp.where(saturated, jnp.inf, shifted)
+  return shifted
 
 
 def _check_epsilon(epsilon: float) -> None:
@@ -242,8 +280,8 @@ def _check_epsilon(epsilon: float) -> None:
 
 
 def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
-                    *, iterations: int = 1,
-                    epsilon: float = DEFAULT_EPSILON) -> Array:
+                    *, iterations: int = 1, epsilon: float = DEFAULT_EPSILON,
+                    saturate: bool = False) -> Array:
   """Calibrated offset spikes for one layer: probe, judge the sign, shift v(0).
 
   Repeats probe -> :func:`shift_v0` ``iterations`` times on the same ρ input
@@ -256,6 +294,8 @@ def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
     v0: starting potential (``None`` = θ/2), broadcastable to ``currents[0]``.
     iterations: how many probe/shift rounds (≥ 1; 0 returns ``v0``).
     epsilon: ε as a fraction of θ, in (0, 1).
+    saturate: v(0) = +inf for neurons that fired at every probe step and
+      still want more (see :func:`shift_v0`); False leaves them.
 
   Returns:
     The calibrated v(0), shaped like ``currents[0]``.
@@ -274,9 +314,9 @@ def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
 
   # A loop, not unrolled: compile time and memory do not grow with rounds.
   return jax.lax.fori_loop(
-      0, iterations, lambda _, v: shift_v0(v, probe(currents, threshold, v),
-                                           threshold, probe_steps, epsilon),
-      v0)
+      0, iterations, lambda _, v: shift_v0(
+          v, probe(currents, threshold, v), threshold, probe_steps, epsilon,
+          saturate=saturate), v0)
 
 
 def offset_spikes(ann_output: Array, spike_count: Array, threshold: Array,

@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import os
+import shutil
 
 import matplotlib
 
@@ -144,7 +145,7 @@ def offset_spike_figure(result: dict) -> bytes:
              color=color, hatch=hatch, edgecolor='k', linewidth=0.3,
              label=f'ψ={offset:+d}' if shift == 0 else None)
       bottom += share
-    tallest = max(tallest, bottom.max())
+    tallest = max(tallest, bottom.max(initial=0))
   # Headroom for the legend; an all-zero plot still gets a visible axis.
   ax.set_ylim(0, 1.25 * tallest if tallest > 0 else 1)
   ax.set_xticks(x, [f'L{i + 1}' for i in range(len(names))])
@@ -172,10 +173,12 @@ def write_results(output_dir: str, result: dict, settings: ConversionSettings,
   """Writes :data:`FILES` (results.json/csv, accuracy and offset-spike PNGs).
 
   ``meta`` (what was converted, where, on what) goes into results.json with
-  the result and the table. Each file is written to a temporary name and
-  renamed into place.
+  the result and the table. The set is written into a new directory beside
+  ``output_dir`` and then put in its place as a whole
+  (:func:`cos_jax.runtime.replace_directory`): a kill at any moment leaves
+  the previous results or the new ones, never a mix. The caller holds the
+  output directory's lock.
   """
-  os.makedirs(output_dir, exist_ok=True)
   header, rows = summary_rows(result, settings)
   document = {**meta, 'table': {'header': header, 'rows': rows}, **result}
   contents = {
@@ -184,9 +187,22 @@ def write_results(output_dir: str, result: dict, settings: ConversionSettings,
       'accuracy.png': accuracy_figure(result, settings),
       'offset_spikes.png': offset_spike_figure(result),
   }
-  written = []
-  for name in FILES:
-    path = os.path.join(output_dir, name)
-    runtime.write_atomic(path, contents[name])
-    written.append(path)
-  return written
+  _remove_leftovers(output_dir)
+  build = runtime.sibling_tempdir(output_dir)
+  try:
+    for name in FILES:
+      runtime.write_atomic(os.path.join(build, name), contents[name])
+    runtime.replace_directory(build, output_dir)
+  except BaseException:
+    shutil.rmtree(build, ignore_errors=True)
+    raise
+  return [os.path.join(output_dir, name) for name in FILES]
+
+
+def _remove_leftovers(output_dir: str) -> None:
+  """Deletes what an earlier, killed write left beside ``output_dir``."""
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  prefix = f'.{os.path.basename(os.path.abspath(output_dir))}.tmp-'
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    if name.startswith(prefix):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

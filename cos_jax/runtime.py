@@ -6,10 +6,15 @@ imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import os
+import shutil
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from absl import logging
 import jax
@@ -17,6 +22,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = 'data'
+
+
+class BusyError(RuntimeError):
+  """Another process holds the lock of a workdir or output directory."""
 _FORCED_DEVICES_FLAG = '--xla_force_host_platform_device_count'
 
 
@@ -59,6 +68,22 @@ def use_all_host_cores(count: int = 0) -> int | None:
         'device count. Call it right after `import jax`.', count)
     return None
   return count
+
+
+def memory_budget() -> int | None:
+  """Bytes the devices may hold in all: the accelerators' limits summed, or,
+  on a CPU host (whose devices share its RAM), the memory available now.
+  None where it cannot be known."""
+  devices = jax.devices()
+  if devices[0].platform != 'cpu':
+    limits = [(d.memory_stats() or {}).get('bytes_limit') for d in devices]
+    return sum(limits) if all(limits) else None
+  try:
+    with open('/proc/meminfo') as f:
+      fields = dict(line.split(':', 1) for line in f)
+    return int(fields['MemAvailable'].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
 
 
 def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
@@ -120,9 +145,7 @@ def write_atomic(path: str, data: bytes | str) -> None:
       f.write(data.encode() if isinstance(data, str) else data)
       f.flush()
       os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, _default_mode(0o666))
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -135,6 +158,91 @@ def json_text(obj: Any) -> str:
   return json.dumps(obj, indent=2, sort_keys=True) + '\n'
 
 
+def _default_mode(mode: int) -> int:
+  """``mode`` masked by the umask: what open()/mkdir() would have given (the
+  temp-file helpers create 0600/0700 instead)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return mode & ~umask
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """:func:`write_atomic` of ``obj`` as :func:`json_text`."""
   write_atomic(path, json_text(obj))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str, what: str) -> Iterator[None]:
+  """Holds an exclusive lock on file ``path`` for the duration of the block.
+
+  The kernel releases the lock when the process dies (flock), so a killed run
+  never leaves a stale lock behind. ``what`` names the locked thing in the
+  one-line :class:`BusyError` raised when another process holds it.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise BusyError(f'{what} is in use by {holder}: wait for it to finish, '
+                      'or use another directory') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()}')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE).
+
+  Returns False where the kernel or file system cannot (the caller falls
+  back to two renames).
+  """
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (AttributeError, OSError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+               rename_exchange) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+    return False
+  raise OSError(code, os.strerror(code), b)
+
+
+def replace_directory(build: str, target: str) -> None:
+  """Puts the complete directory ``build`` at ``target``, as a whole.
+
+  Where ``target`` exists, the two are exchanged atomically (a reader or a
+  kill sees the old set of files or the new one, never a mix) and the old set
+  is then deleted. ``build`` must be on the same file system (a sibling).
+  """
+  if not os.path.exists(target):
+    os.rename(build, target)
+    return
+  if not _exchange(build, target):
+    # No atomic exchange here: the old set moves aside first, so a kill
+    # between the renames leaves it complete under `build`.
+    aside = build + '.old'
+    os.rename(target, aside)
+    os.rename(build, target)
+    build = aside
+  shutil.rmtree(build)
+
+
+def sibling_tempdir(target: str) -> str:
+  """A new empty directory next to ``target`` (same file system)."""
+  parent = os.path.dirname(os.path.abspath(target))
+  os.makedirs(parent, exist_ok=True)
+  path = tempfile.mkdtemp(dir=parent,
+                          prefix=f'.{os.path.basename(target)}.tmp-')
+  os.chmod(path, _default_mode(0o777))
+  return path

@@ -16,6 +16,10 @@ import math
 from cos_jax.neuron import DEFAULT_EPSILON
 
 SCHEDULES = ('layerwise', 'global')
+# What calibration does with a neuron that fired at every probe step and still
+# wants more spikes: 'keep' it, or make it 'fire' at every later step
+# (neuron.shift_v0; docs/semantics.md has the measurements behind the default).
+SATURATED_RULES = ('keep', 'fire')
 # Long simulations run in chunks of this many time-steps, carrying every IF
 # layer's membrane potential from one chunk to the next: a linear layer then
 # sees [B·chunk, ...] rows instead of [B·T, ...], which bounds memory by the
@@ -55,11 +59,15 @@ class Calibration:
       of the already calibrated layer l-1) or 'global' (the whole network runs
       ρ steps, every layer shifts at once; repeated ``iterations`` times).
     epsilon: Theorem-2 margin ε as a fraction of θ, in (0, 1).
+    saturated: the rule for a neuron that fired at every probe step and still
+      wants more spikes: 'keep' or 'fire' (at every later step, as the
+      PyTorch reference does).
   """
   rho: int
   iterations: int = 1
   schedule: str = 'layerwise'
   epsilon: float = DEFAULT_EPSILON
+  saturated: str = 'keep'
 
   def __post_init__(self):
     check_positive_int('rho', self.rho)
@@ -73,3 +81,7 @@ class Calibration:
       raise SettingsError('epsilon', 'is a fraction of the threshold and must '
                           f'lie in (0, 1), got {epsilon!r}')
     object.__setattr__(self, 'epsilon', float(epsilon))
+    if self.saturated not in SATURATED_RULES:
+      raise SettingsError('saturated', f'must be one of '
+                          f'{", ".join(SATURATED_RULES)}, got '
+                          f'{self.saturated!r}')

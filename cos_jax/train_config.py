@@ -7,18 +7,14 @@ of ``configs/default.py``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from cos_jax import data, models
-
-# Config fields that fix the parameter tree: a workdir's checkpoints can only
-# be resumed or loaded by a config that agrees on them.
-ARCHITECTURE_FIELDS = ('dataset', 'model', 'levels', 'stem', 'model_kwargs')
-
 
 class ConfigError(ValueError):
   """A config (or its combination with a workdir/devices) that cannot run."""
@@ -47,13 +43,20 @@ def _tuples(value):
   return value
 
 
-def architecture(config) -> dict[str, Any]:
-  """The fields of ``config`` that fix the parameter tree, as plain data."""
-  return {k: plain(config.get(k)) for k in ARCHITECTURE_FIELDS}
+# Fields a resumed run may change: they do not alter the trajectory (the
+# parameters, the data order or the learning-rate schedule), only where the
+# data is read from, when the run stops, and how it saves.
+RESUMABLE_FIELDS = ('data_dir', 'stop_after_steps', 'async_checkpointing',
+                    'keep_checkpoints')
 
 
 def _positive_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _finite_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -84,10 +87,48 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value is not None and not _positive_int(value):
       raise ConfigError(f'{name} must be None or a positive integer, got '
                         f'{value!r}: fix --config.{name}')
-  if not config.learning_rate > 0:
-    raise ConfigError(f'learning_rate must be > 0, got {config.learning_rate}')
-  if config.weight_decay < 0 or not 0 <= config.momentum < 1:
-    raise ConfigError('weight_decay must be >= 0 and momentum in [0, 1)')
+  if not isinstance(config.seed, int) or isinstance(config.seed, bool):
+    raise ConfigError(f'seed must be an integer, got {config.seed!r}')
+  checks = (
+      ('learning_rate', config.learning_rate, 'a finite number > 0',
+       lambda v: v > 0),
+      ('weight_decay', config.weight_decay, 'a finite number >= 0',
+       lambda v: v >= 0),
+      ('momentum', config.momentum, 'in [0, 1)', lambda v: 0 <= v < 1),
+      ('warmup_epochs', config.get('warmup_epochs', 0),
+       'a finite number in [0, epochs]', lambda v: 0 <= v <= config.epochs),
+  )
+  for name, value, wanted, ok in checks:
+    if not _finite_number(value) or not ok(value):
+      raise ConfigError(f'{name} must be {wanted}, got {value!r}: fix '
+                        f'--config.{name}')
+  threshold_init = (config.get('model_kwargs') or {}).get('threshold_init',
+                                                          8.0)
+  if not _finite_number(threshold_init) or threshold_init <= 0:
+    raise ConfigError(f'threshold_init (the initial λ) must be a finite number '
+                      f'> 0, got {threshold_init!r}: fix '
+                      '--config.model_kwargs.threshold_init')
+
+
+def check_resume(saved: ml_collections.ConfigDict,
+                 config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a run whose trajectory the new config would change.
+
+  Only :data:`RESUMABLE_FIELDS` may differ from the workdir's config.json:
+  a changed batch size, learning rate, seed, number of epochs (the cosine
+  schedule spans them) or architecture would silently continue a different
+  run.
+  """
+  old, new = plain(saved), plain(config)
+  diff = [k for k in sorted(set(old) | set(new))
+          if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
+  if diff:
+    have = ', '.join(f'{k}={old.get(k)!r}' for k in diff[:3])
+    want = ', '.join(f'{k}={new.get(k)!r}' for k in diff[:3])
+    raise ConfigError(
+        f'{workdir} holds a run with {have} but the config asks for {want}: '
+        'resume with the settings it was trained with (only '
+        f'{", ".join(RESUMABLE_FIELDS)} may change), or use a new --workdir')
 
 
 def check_devices(config: ml_collections.ConfigDict,

@@ -1,15 +1,18 @@
-"""Training the source QCFS ANN: train state, steps, and the loop.
+"""Training the source QCFS ANN: the loop, its checkpoints and its log.
 
 :func:`train_and_evaluate` is what ``train.py`` runs. It is built from a few
 named steps: :func:`prepare` (every check, before the workdir is touched),
-:func:`restore_or_init`, :func:`train_epoch` and :func:`end_of_epoch`.
+:func:`restore_or_init`, :func:`train_epoch` and :func:`end_of_epoch`. The
+pure pieces (state, optimizer, steps) are in :mod:`cos_jax.train_steps`.
 
 Data parallelism: one ``jax.sharding.Mesh`` over all devices with axis
 ``'data'``; batches are sharded along it, parameters and optimizer state are
-replicated, and ``jax.jit`` inserts the gradient (and BatchNorm-statistics)
-all-reductions, so a step computes exactly the global-batch update whatever
-the device count. Multi-host: each process feeds its own shard of the data
-and ``jax.make_array_from_process_local_data`` assembles the global batch.
+replicated. Multi-host: each process feeds its own shard of the data and
+``jax.make_array_from_process_local_data`` assembles the global batch.
+
+Crash consistency: the run holds an exclusive lock on its workdir; a step
+checkpoint is the commit point of everything before it (see
+:func:`end_of_epoch`), and every saved array carries a digest.
 
 Resume: a run restarted from a checkpoint at step ``s`` re-opens epoch
 ``s // steps_per_epoch`` and skips the batches already done, so it ends with
@@ -22,10 +25,10 @@ import dataclasses
 import functools
 import itertools
 import os
+import signal
 import time
 from typing import Any, Callable
 
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,93 +37,21 @@ import optax
 
 from cos_jax import checkpoints, runtime
 from cos_jax.data import prepare as data_prepare
-from cos_jax.metrics_log import MetricsLog, RunningSums, progress_bar, say
-from cos_jax.train_config import (ConfigError, abstract_variables,
+from cos_jax.metrics_log import (DivergedError, MetricsLog, RunningSums,
+                                 progress_bar, say)
+from cos_jax.train_config import (abstract_variables,
                                   check_devices, create_model, plain,
                                   validate_config)
 from cos_jax.train_input import (DataPlan, eval_batches, plan_data,
                                  train_batches)
+from cos_jax.train_steps import (TrainState, create_optimizer,
+                                 create_train_state, learning_rate_schedule,
+                                 train_step, eval_step)
 
 # The 'rbg' PRNG compiles the initialisation much faster than the
 # (partitionable) threefry default on CPU, where it otherwise dominates the
 # start-up of a run.
 INIT_RNG_IMPL = 'rbg'
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any = None
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Cosine decay to 0 over all steps (optional linear warmup)."""
-  total = config.epochs * steps_per_epoch
-  warmup = int(round(config.get('warmup_epochs', 0) * steps_per_epoch))
-  if warmup:
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, warmup, max(total, warmup + 1))
-  return optax.cosine_decay_schedule(config.learning_rate, total)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum and coupled weight decay on every parameter.
-
-  ``add_decayed_weights`` before ``sgd`` adds wd·p to the gradient before the
-  momentum, which is exactly torch.optim.SGD(weight_decay=wd) as the reference
-  uses it (thresholds λ and BatchNorm scales/biases are decayed too).
-  """
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                momentum=config.momentum or None,
-                nesterov=config.get('nesterov', False)))
-
-
-def create_train_state(model, rng, image_shape,
-                       tx: optax.GradientTransformation) -> TrainState:
-  """Initial train state (params, batch_stats, optimizer state, step 0)."""
-  variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape),
-                                        jnp.float32), train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx)
-
-
-def cross_entropy_loss(logits, labels, weights=None):
-  """Mean (or ``weights``-weighted sum) softmax cross-entropy."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
-  if weights is None:
-    return losses.mean()
-  return (losses * weights).sum()
-
-
-def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-  """One SGD step on a (global) batch; returns the new state and metrics."""
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, mutable=['batch_stats'])
-    return cross_entropy_loss(logits, batch['label']), (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=updates['batch_stats'])
-  accuracy = (jnp.argmax(logits, -1) == batch['label']).mean()
-  return state, {'loss': loss, 'accuracy': accuracy}
-
-
-def eval_step(state: TrainState, batch) -> dict:
-  """Sums of loss / correct / count over the examples with ``mask`` = 1."""
-  logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      batch['image'], train=False)
-  mask = batch['mask'].astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-  return {'loss': cross_entropy_loss(logits, batch['label'], mask),
-          'correct': (correct * mask).sum(), 'count': mask.sum()}
 
 
 def _variables(state: TrainState) -> dict:
@@ -193,13 +124,38 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
       replicated=replicated, batch_sharding=batch_sharding, resuming=resuming)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def _host_state(tree, step: int):
+  """``tree`` on the host, refused if any value is not finite."""
+  if not bool(_all_finite(tree)):
+    raise DivergedError(f'training diverged: the state at step {step} holds '
+                        'non-finite values, so it was not saved. Lower '
+                        '--config.learning_rate, then rerun: it resumes from '
+                        'the last checkpoint')
+  return jax.device_get(tree)
+
+
 def save_state(manager: checkpoints.Manager, step: int, state: TrainState,
                sums: RunningSums) -> None:
   """A step checkpoint: variables, optimizer state and the metric sums."""
-  variables, train = jax.device_get((
-      _variables(state), {'step': state.step, 'opt_state': state.opt_state}))
+  progress = sums.to_array()  # settles the last step (raises if it diverged)
+  variables, train = _host_state(
+      (_variables(state), {'step': state.step, 'opt_state': state.opt_state}),
+      step)
   manager.save(step, variables=variables,
-               train={**train, 'progress': sums.to_array()})
+               train={**train, 'progress': progress})
+
+
+def crash_point(phase: str, step: int) -> None:
+  """Fault injection for the crash-consistency tests: SIGKILLs this process
+  when ``$COS_JAX_CRASH_AT`` is ``<phase>@<step>``. A no-op otherwise."""
+  if os.environ.get('COS_JAX_CRASH_AT') == f'{phase}@{step}':
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def restore_or_init(run: Run, manager: checkpoints.Manager
@@ -263,7 +219,7 @@ def train_epoch(run: Run, state: TrainState, step: int, sums: RunningSums,
         state, runtime.to_global(batch, run.batch_sharding))
     step += 1
     interval_steps += 1
-    sums.push(metrics)
+    sums.push(metrics, step)
     if step % config.log_every_steps == 0 or step % per_epoch == 0:
       summary = sums.take_interval()
       summary['images_per_second'] = (
@@ -277,6 +233,7 @@ def train_epoch(run: Run, state: TrainState, step: int, sums: RunningSums,
       interval_start, interval_steps = time.time(), 0
     if step % config.checkpoint_every_steps == 0 and step < end:
       save_state(manager, step, state, sums)
+      crash_point('periodic_checkpoint', step)
   sums.settle()
   if step != end:
     raise RuntimeError(
@@ -289,24 +246,37 @@ def train_epoch(run: Run, state: TrainState, step: int, sums: RunningSums,
 def end_of_epoch(run: Run, state: TrainState, step: int, sums: RunningSums,
                  best: dict, managers, log: MetricsLog, bar,
                  seconds: float) -> tuple[dict, dict]:
-  """Evaluates (when due), keeps the best, saves, logs one epoch record.
+  """Evaluates (when due), keeps the best, logs one epoch record, saves.
 
-  Returns ``(best, record)``: the best-so-far metadata and the epoch's record.
+  The step checkpoint is written last and is the commit point of the epoch:
+  a run killed before it finalises resumes from the previous checkpoint and
+  redoes the epoch, identically; ``best/`` and the log record, written first,
+  then come out the same again (the log drops records after the step it
+  resumes from). Returns ``(best, record)``.
   """
   manager, best_manager = managers
   completed = step // run.steps_per_epoch
   record = {'epoch': completed, 'epoch_seconds': seconds, **sums.take_epoch()}
+  crash_point('epoch_trained', step)
   if (completed % run.config.eval_every_epochs == 0
       or step == run.total_steps):
     record.update(evaluate(run, state))
+    crash_point('evaluated', step)
     if record['test_accuracy'] > best['test_accuracy']:
       best = {'step': step, 'epoch': completed,
               **{k: v for k, v in record.items() if k.startswith('test_')}}
-      best_manager.save(step, variables=jax.device_get(_variables(state)),
+      best_manager.save(step, variables=_host_state(_variables(state), step),
                         metadata=best)
+      crash_point('best_saving', step)
+      best_manager.wait()
+      crash_point('best_saved', step)
     record['best_test_accuracy'] = best['test_accuracy']
-  save_state(manager, step, state, sums)
   log.write(step, **record)
+  crash_point('logged', step)
+  save_state(manager, step, state, sums)
+  crash_point('checkpoint_saving', step)
+  manager.wait()
+  crash_point('checkpoint_saved', step)
   text = (f'epoch {completed}/{run.config.epochs}  train loss '
           f'{record["train_loss"]:.4f} acc '
           f'{100 * record["train_accuracy"]:.2f}%')
@@ -368,10 +338,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     (one-line messages) before anything in ``workdir`` is written.
   """
   run = prepare(config, workdir)
-  if run.is_main:
-    os.makedirs(workdir, exist_ok=True)
-    runtime.write_json_atomic(
-        os.path.join(workdir, checkpoints.CONFIG_FILE), plain(config))
+  if not run.is_main:
+    return _train(run)
+  os.makedirs(workdir, exist_ok=True)
+  with runtime.exclusive_lock(os.path.join(workdir, checkpoints.LOCK_FILE),
+                              f'--workdir {workdir}'):
+    # Again under the lock: another run may have written here meanwhile.
+    if not checkpoints.check_workdir(config, workdir):
+      runtime.write_json_atomic(
+          os.path.join(workdir, checkpoints.CONFIG_FILE), plain(config))
+    return _train(run)
+
+
+def _train(run: Run) -> dict[str, Any]:
+  """The training loop of :func:`train_and_evaluate` (workdir checked)."""
+  config, workdir = run.config, run.workdir
   manager, best_manager = managers = _open_managers(run)
   state, saved_sums = restore_or_init(run, manager)
   step = int(jax.device_get(state.step))

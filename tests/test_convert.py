@@ -10,8 +10,6 @@ error path in-process (``cli.one_line_errors`` around ``conversion_job.convert``
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,19 +17,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cos_jax
-from configs import convert as convert_config
+from cli_helpers import (convert_in_process, expect_usage_error,
+                         run_script)
 from configs import default as default_config
-from cos_jax import checkpoints, cli, conversion, conversion_job, report
-from cos_jax import training
+from cos_jax import checkpoints, conversion, report, training
 from cos_jax.data import pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(script, *args, env=None, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
-                        capture_output=True, text=True, timeout=timeout,
-                        cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +38,7 @@ def tiny_workdir(tmp_path_factory):
 
 def test_convert_end_to_end(tiny_workdir, tmp_path):
   out = str(tmp_path / 'out')
-  result = run('convert.py', '--workdir', tiny_workdir, '--rho', '4', '--T',
+  result = run_script('convert.py', '--workdir', tiny_workdir, '--rho', '4', '--T',
                '8', '--num_examples', '300', '--batch_size', '128',
                '--init', 'cos,half,random',
                '--output_dir', out, '--host_devices', '2')
@@ -99,30 +89,6 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
     np.testing.assert_allclose(doc['curves'][init], accuracy, atol=1.01 / 300)
 
 
-def _expect_usage_error(stderr, returncode, *words):
-  assert returncode == 2, (returncode, stderr[-2000:])
-  lines = stderr.strip().splitlines()
-  assert len(lines) == 1, stderr[-2000:]
-  assert lines[0].startswith('convert.py: error: ') and 'Traceback' not in stderr
-  for word in words:
-    assert word in lines[0], lines[0]
-
-
-def convert_in_process(capfd, **fields):
-  """conversion_job.convert on configs/convert.py with ``fields`` set, behind
-  the CLI's error handler; returns (exit code, stderr)."""
-  config = convert_config.get_config()
-  config.update(fields)
-  capfd.readouterr()
-  try:
-    with cli.one_line_errors('convert.py'):
-      conversion_job.convert(config)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capfd.readouterr().err
-
-
 @pytest.mark.parametrize('fields, words', [
     ({'rho': 0}, ['--rho']),
     ({'rho': -3}, ['--rho']),
@@ -139,7 +105,7 @@ def test_bad_settings_give_one_line_and_exit_2(tiny_workdir, tmp_path, capfd,
   out.mkdir()
   (out / 'results.json').write_text('previous')
   fields = {'workdir': tiny_workdir, 'output_dir': str(out), **fields}
-  _expect_usage_error(*reversed(convert_in_process(capfd, **fields)), *words)
+  expect_usage_error(*reversed(convert_in_process(capfd, **fields)), *words)
   assert (out / 'results.json').read_text() == 'previous'
   assert sorted(os.listdir(out)) == ['results.json']
 
@@ -152,8 +118,8 @@ def test_bad_settings_give_one_line_and_exit_2(tiny_workdir, tmp_path, capfd,
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, words):
   out = tmp_path / 'out'
-  result = run('convert.py', *args, '--output_dir', str(out))
-  _expect_usage_error(result.stderr, result.returncode, *words)
+  result = run_script('convert.py', *args, '--output_dir', str(out))
+  expect_usage_error(result.stderr, result.returncode, *words)
   assert not out.exists()
 
 
@@ -174,7 +140,7 @@ def test_corrupted_checkpoint(tiny_workdir, tmp_path, capfd):
           f.truncate(os.path.getsize(path) // 3)
   code, err = convert_in_process(capfd, workdir=workdir,
                                  output_dir=str(tmp_path / 'o'))
-  _expect_usage_error(err, code, workdir)
+  expect_usage_error(err, code, workdir)
   assert not os.path.exists(tmp_path / 'o')
 
 
@@ -188,7 +154,7 @@ def test_checkpoint_of_another_architecture(tiny_workdir, tmp_path, capfd):
     json.dump(config, f)
   code, err = convert_in_process(capfd, workdir=workdir,
                                  output_dir=str(tmp_path / 'o'))
-  _expect_usage_error(err, code, workdir)
+  expect_usage_error(err, code, workdir)
   assert not os.path.exists(tmp_path / 'o')
 
 
@@ -218,7 +184,7 @@ def test_dataset_not_available_offline(tmp_path, capfd, monkeypatch):
   monkeypatch.setenv('TFDS_DATA_DIR', str(empty))
   code, err = convert_in_process(capfd, workdir=workdir, data_dir=str(empty),
                                  output_dir=str(tmp_path / 'o'))
-  _expect_usage_error(err, code, 'cifar10')
+  expect_usage_error(err, code, 'cifar10')
   assert not os.path.exists(tmp_path / 'o')
 
 
@@ -236,7 +202,7 @@ def test_imagenet_conversion_on_mock_data(tmp_path):
     batches = pipeline.make_dataset('imagenet2012', 'validation',
                                     batch_size=4, train=False, num_examples=6)
     result = conversion.convert_and_evaluate(model, variables, batches,
-                                             settings, batch_size=4)
+                                             settings)
   assert result['examples'] == 6          # 4 + a padded, masked batch of 2
   assert len(result['curves']['cos']) == 2
   assert len(result['layers']['after']) == 33

@@ -173,7 +173,7 @@ def test_dataset_info():
   assert data.dataset_info('imagenet2012').test_split == 'validation'
   assert data.dataset_info('fashion_mnist').image_shape == (28, 28, 1)
   assert set(data.DATASETS) == {'fashion_mnist', 'cifar10', 'cifar100',
-                                'imagenet2012'}
+                                'imagenet2012', 'cifar10_offline'}
   with pytest.raises(ValueError):
     data.dataset_info('mnist')
 

@@ -299,3 +299,27 @@ def test_shift_sign_uses_accumulated_shift():
 def test_ratio_and_mse():
   ratio, mse = cos_jax.ratio_and_mse(jnp.array([0.0, 1.0, -2.0, 0.0]))
   assert float(ratio) == 0.5 and float(mse) == pytest.approx(5 / 4)
+
+
+@PROPERTY
+@given(seed=SEEDS, steps=STEPS, threshold=THRESHOLDS)
+def test_saturate_rule_fires_every_later_step(seed, steps, threshold):
+  """saturate=True gives v(0) = +inf exactly to the neurons that fired at
+  every probe step and ended with v(ρ) ≥ θ (NumPy oracle, from θ/2); they
+  then fire at every later step whatever the input; every other neuron gets
+  what the default rule gives."""
+  rng = np.random.default_rng(seed)
+  currents = (rng.uniform(0.3, 2.5, (steps, 512)) * threshold).astype(
+      np.float32)
+  keep = np.asarray(cos_jax.calibrate_layer(currents, threshold))
+  fire = np.asarray(cos_jax.calibrate_layer(currents, threshold,
+                                            saturate=True))
+  spikes, v_end = if_oracle(currents, threshold, threshold / 2)
+  saturated = (spikes.sum(0) == steps) & (v_end >= threshold)
+  assert saturated.mean() > 0.05 and (~saturated).mean() > 0.05
+  assert np.all(np.isposinf(fire[saturated]))
+  np.testing.assert_array_equal(fire[~saturated], keep[~saturated])
+  later = (rng.normal(-1.0, 1.0, (6, 512)) * threshold).astype(np.float32)
+  train = np.asarray(if_neuron(jnp.asarray(later), threshold, fire).spikes)
+  assert np.all(train[:, saturated] == 1)
+  assert not np.all(train[:, ~saturated] == 1)

@@ -25,6 +25,7 @@ import tempfile
 _NOTICES = re.compile(
     r'All log messages before absl::InitializeLog\(\)|oneDNN custom operations'
     r'|This TensorFlow binary is optimized|cpu_feature_guard'
+    r'|To enable the following instructions: .* rebuild TensorFlow'
     r'|Unable to register cu(DNN|FFT|BLAS) factory|TF-TRT Warning'
     r'|computation placer already registered|absl::InitializeLog')
 
