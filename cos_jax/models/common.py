@@ -2,7 +2,9 @@
 
 A network builds its layers from three factories (the shape of Flax's
 ``examples/imagenet/models.py``): ``conv`` (Kaiming fan-out init, as the
-reference), ``norm`` (BatchNorm with PyTorch's momentum and ε) and ``act`` (the
+reference; computed by :func:`cos_jax.conv.conv_general_dilated`, which picks
+per layer shape the form that is fast on the backend), ``norm`` (BatchNorm
+with PyTorch's momentum and ε) and ``act`` (the
 :class:`~cos_jax.activation.Activation` slot, a QCFS ANN or IF neurons by the
 network's ``spiking``). Blocks receive them, so a change to one kind of layer
 happens here, once, for every model and for the ANN and the SNN alike.
@@ -15,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import flax.linen as nn
 
+from cos_jax import conv as conv_lib
 from cos_jax.activation import Activation, SpikingConfig
 
 # Kaiming-normal with fan_out, as the reference initialises convolutions.
@@ -37,15 +40,21 @@ class QCFSNet(nn.Module):
     levels: L, the QCFS quantisation levels of every activation.
     spiking: ``None`` for the QCFS ANN, else the IF network's pass settings.
     threshold_init: initial λ = θ of every activation (the reference: 8.0).
+    conv_impl: 'auto' (each conv picks its fastest exact form on the backend,
+      :mod:`cos_jax.conv`) or 'lax' (always ``lax.conv_general_dilated``, for
+      comparisons). The parameters are the same either way.
   """
   num_classes: int = 10
   levels: int = 4
   spiking: SpikingConfig | None = None
   threshold_init: float = 8.0
+  conv_impl: str = 'auto'
 
   def layers(self, train: bool) -> Layers:
     return Layers(
-        conv=functools.partial(nn.Conv, kernel_init=conv_init),
+        conv=functools.partial(
+            nn.Conv, kernel_init=conv_init,
+            conv_general_dilated=conv_lib.implementation(self.conv_impl)),
         # PyTorch BatchNorm2d defaults: momentum 0.1 (= flax 0.9), eps 1e-5.
         norm=functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=0.9, epsilon=1e-5),
