@@ -21,6 +21,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Fashion-MNIST net) and which of its checkpoints, 'best' or 'latest'.
   config.workdir = os.path.join(_ROOT, 'pretrained', 'fmnist_small')
   config.checkpoint = 'best'
+  # Or a PyTorch checkpoint of the COS/QCFS reference code (a .pth state_dict;
+  # read without PyTorch, cos_jax.interop), which then replaces the workdir.
+  # arch, num_classes and the widths come from its keys, L from a
+  # '..._L<L>.pth' file name, the dataset from the number of classes (10:
+  # cifar10, 100: cifar100, 1000: imagenet2012); set them where they don't.
+  config.torch_checkpoint = config_dict.placeholder(str)
+  config.arch = config_dict.placeholder(str)
+  config.num_classes = config_dict.placeholder(int)
+  config.levels = config_dict.placeholder(int)
+  config.dataset = config_dict.placeholder(str)
 
   # Calibration (cos_jax.Calibration): probe steps ρ, probe/shift rounds,
   # 'layerwise' (the paper) or 'global' (network-wide), Theorem-2 ε as a
@@ -53,6 +63,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64
   config.data_dir = config_dict.placeholder(str)
 
-  # Where results go (None: results/<workdir name>_rho<ρ>_T<T>).
+  # Where results go (None: results/<workdir or .pth name>_rho<ρ>_T<T>).
   config.output_dir = config_dict.placeholder(str)
   return config

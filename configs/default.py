@@ -50,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 1e-4
   config.seed = 0
 
+  # Fine-tuning: start from a PyTorch checkpoint of the COS/QCFS reference
+  # code (a .pth state_dict of this model, dataset and L; its weights, BN
+  # statistics and thresholds; the optimizer starts fresh). Only for a new run.
+  config.init_from_torch = config_dict.placeholder(str)
+
   # Bookkeeping. Checkpoints are also written at the end of every epoch.
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3

@@ -276,14 +276,15 @@ class Restored(NamedTuple):
     config: the workdir's training config.
     model: the zoo module it describes.
     variables: ``{'params', 'batch_stats'}`` (jax.Arrays).
-    step: the training step the checkpoint was saved at.
+    step: the training step the checkpoint was saved at (None for a
+      PyTorch checkpoint, :func:`cos_jax.interop.restore`).
     digest: :func:`combined_digest` of the variables.
     verified: whether digests were saved with it and matched.
   """
   config: ml_collections.ConfigDict
   model: Any
   variables: dict
-  step: int
+  step: int | None
   digest: str
   verified: bool
 

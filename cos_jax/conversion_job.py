@@ -15,7 +15,7 @@ import time
 import jax
 import tqdm
 
-from cos_jax import checkpoints, conversion, data, report, runtime
+from cos_jax import checkpoints, conversion, data, interop, report, runtime
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
@@ -25,7 +25,9 @@ def output_dir(config) -> str:
   """The config's output directory, checked to be creatable and writable."""
   path = config.output_dir
   if not path:
-    name = os.path.basename(os.path.normpath(config.workdir)) or 'run'
+    source = config.torch_checkpoint or config.workdir
+    name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+    name = name or 'run'
     path = os.path.join('results', f'{name}_rho{config.rho}_T{config.T}')
   if os.path.exists(path) and not os.path.isdir(path):
     raise SettingsError('output_dir', f'{path} exists and is not a directory: '
@@ -74,7 +76,7 @@ def convert(config) -> dict:
     raise SettingsError('checkpoint', f"must be 'best' or 'latest', got "
                         f'{config.checkpoint!r}')
   out = output_dir(config)
-  restored = checkpoints.restore(config.workdir, which=config.checkpoint)
+  restored = load(config)
   train_config, model = restored.config, restored.model
   spec = data.dataset_info(train_config.dataset)
   split = config.split or spec.test_split
@@ -92,9 +94,8 @@ def convert(config) -> dict:
   with runtime.exclusive_lock(_lock_path(out), f'--output_dir {out}'):
     batches = _batches(config, train_config.dataset, split, batch_size)
     calibration = settings.calibration
-    print(f'Converting {config.workdir} ({train_config.model}, '
-          f'L={train_config.levels}, {train_config.dataset}:{split}, '
-          f'{config.checkpoint} checkpoint at step {restored.step}) on '
+    print(f'Converting {source(config)} ({train_config.model}, '
+          f'L={train_config.levels}, {train_config.dataset}:{split}) on '
           f'{devices} {jax.devices()[0].platform} device(s): '
           f'rho={calibration.rho}, T<={settings.T}, '
           f'iterations={calibration.iterations}, '
@@ -112,7 +113,9 @@ def convert(config) -> dict:
     print(report.format_table(*report.summary_rows(result, settings)))
     print()
     print(report.format_layers(result))
-    meta = {'workdir': os.path.abspath(config.workdir),
+    meta = {'source': os.path.abspath(source(config)),
+            'workdir': (None if config.torch_checkpoint
+                        else os.path.abspath(config.workdir)),
             'checkpoint': config.checkpoint,
             'checkpoint_step': restored.step,
             'checkpoint_digest': restored.digest,
@@ -125,6 +128,23 @@ def convert(config) -> dict:
   print(f'\n{result["examples"]} examples in {wall:.0f} s; wrote '
         f'{", ".join(os.path.basename(p) for p in written)} to {out}')
   return {**meta, **result}
+
+
+def source(config) -> str:
+  """What ``config`` converts: its PyTorch checkpoint, or its workdir's
+  best/latest checkpoint."""
+  if config.torch_checkpoint:
+    return config.torch_checkpoint
+  return os.path.join(config.workdir, config.checkpoint)
+
+
+def load(config) -> checkpoints.Restored:
+  """The network ``config`` converts (:func:`source`)."""
+  if config.torch_checkpoint:
+    return interop.restore(config.torch_checkpoint, arch=config.arch,
+                           num_classes=config.num_classes,
+                           levels=config.levels, dataset=config.dataset)
+  return checkpoints.restore(config.workdir, which=config.checkpoint)
 
 
 def _lock_path(out: str) -> str:

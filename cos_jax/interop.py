@@ -29,11 +29,13 @@ from typing import Any, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from cos_jax import models
+from cos_jax import checkpoints, models
 from cos_jax.activation import Activation
 from cos_jax.checkpoints import CheckpointError
+from cos_jax.settings import SettingsError
 from cos_jax.torch_reader import read_torch_state_dict
 
 ARCHS = ('vgg16', 'resnet18', 'resnet20', 'resnet34')
@@ -309,3 +311,46 @@ def load_torch_checkpoint(path_or_state_dict, *, arch: str, num_classes: int,
       tree[leaf] = jnp.asarray(np.asarray(
           _to_zoo_layout(layer, leaf, state[key], flatten), dtype))
   return model, variables
+
+
+# Dataset a reference checkpoint is evaluated on, by its number of classes
+# (the file does not say; --dataset overrides).
+DATASET_BY_CLASSES = {10: 'cifar10', 100: 'cifar100', 1000: 'imagenet2012'}
+
+
+def restore(path: str, *, arch: str | None = None,
+            num_classes: int | None = None, levels: int | None = None,
+            dataset: str | None = None) -> checkpoints.Restored:
+  """A reference checkpoint as :func:`cos_jax.checkpoints.restore` gives a
+  native one (what ``convert.py --torch_checkpoint`` loads).
+
+  ``arch``, ``num_classes`` and the widths come from the file's keys unless
+  given; ``levels`` from a ``..._L<L>.pth`` file name unless given;
+  ``dataset`` from the number of classes unless given.
+
+  Raises:
+    CheckpointError: unreadable file or keys that fit no zoo network.
+    SettingsError: L, or the dataset, cannot be inferred and was not given.
+  """
+  info = inspect_torch_checkpoint(path)
+  arch = arch or info.arch
+  num_classes = num_classes or info.num_classes
+  levels = levels or info.levels
+  if levels is None:
+    raise SettingsError('levels', f'is needed: {path} does not record the '
+                        'QCFS L it was trained with; pass e.g. --levels 4')
+  dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+  if dataset is None:
+    raise SettingsError('dataset', f'is needed for a {num_classes}-class '
+                        'network: pass e.g. --dataset cifar10')
+  kwargs = info.model_kwargs if arch == info.arch else {}
+  model, variables = load_torch_checkpoint(
+      path, arch=arch, num_classes=num_classes, levels=levels, **kwargs)
+  config = ml_collections.ConfigDict({
+      'dataset': dataset, 'model': arch, 'levels': levels,
+      'stem': kwargs.get('stem', 'cifar'),
+      'model_kwargs': {k: v for k, v in kwargs.items() if k != 'stem'}})
+  return checkpoints.Restored(
+      config, model, variables, step=None,
+      digest=checkpoints.combined_digest(checkpoints.tree_digests(variables)),
+      verified=False)

@@ -8,6 +8,7 @@ of ``configs/default.py``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping
 
 import jax
@@ -102,6 +103,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not _finite_number(value) or not ok(value):
       raise ConfigError(f'{name} must be {wanted}, got {value!r}: fix '
                         f'--config.{name}')
+  init_from = config.get('init_from_torch')
+  if init_from is not None and not os.path.isfile(init_from):
+    raise ConfigError(f'init_from_torch {init_from!r} is not a file: pass the '
+                      'path of a PyTorch .pth checkpoint')
   threshold_init = (config.get('model_kwargs') or {}).get('threshold_init',
                                                           8.0)
   if not _finite_number(threshold_init) or threshold_init <= 0:
@@ -150,19 +155,24 @@ def check_devices(config: ml_collections.ConfigDict,
                         f'{num_processes} processes')
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """The config's ``model_kwargs`` (tuples, hashable) plus its ``stem``."""
+  kwargs = {k: _tuples(v)
+            for k, v in plain(config.get('model_kwargs') or {}).items()}
+  if config.model != 'small':
+    kwargs['stem'] = config.stem
+  return kwargs
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
   """The zoo model named by ``config`` (architecture fields only).
 
   Raises:
     ConfigError: ``model_kwargs`` that the architecture does not have.
   """
-  kwargs = {k: _tuples(v)
-            for k, v in plain(config.get('model_kwargs') or {}).items()}
-  if config.model != 'small':
-    kwargs['stem'] = config.stem
   try:
     return models.get(config.model, num_classes=num_classes,
-                      levels=config.levels, **kwargs)
+                      levels=config.levels, **model_kwargs(config))
   except TypeError as e:
     raise ConfigError(
         f'model_kwargs {sorted(config.model_kwargs)} do not fit '

@@ -35,12 +35,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from cos_jax import checkpoints, runtime
+from cos_jax import checkpoints, interop, runtime
+from cos_jax.checkpoints import CheckpointError
 from cos_jax.data import prepare as data_prepare
 from cos_jax.metrics_log import (DivergedError, MetricsLog, RunningSums,
                                  progress_bar, say)
-from cos_jax.train_config import (abstract_variables,
-                                  check_devices, create_model, plain,
+from cos_jax.train_config import (abstract_variables, check_devices,
+                                  create_model, model_kwargs, plain,
                                   validate_config)
 from cos_jax.train_input import (DataPlan, eval_batches, plan_data,
                                  train_batches)
@@ -164,6 +165,8 @@ def restore_or_init(run: Run, manager: checkpoints.Manager
   state = run.init_state()
   step = manager.latest_step() if run.resuming else None
   if step is None:
+    if run.config.get('init_from_torch'):
+      state = _from_torch(run, state)
     return state, None
   variables = manager.restore_variables(step, _variables(state))
   train = manager.restore_train(step, {
@@ -177,6 +180,23 @@ def restore_or_init(run: Run, manager: checkpoints.Manager
       opt_state=opt_state, params=variables['params'],
       batch_stats=variables['batch_stats'])
   return state, train['progress']
+
+
+def _from_torch(run: Run, state: TrainState) -> TrainState:
+  """``state`` with the variables of the config's PyTorch checkpoint."""
+  config = run.config
+  _, variables = interop.load_torch_checkpoint(
+      config.init_from_torch, arch=config.model,
+      num_classes=run.plan.spec.num_classes, levels=config.levels,
+      **model_kwargs(config))
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), _variables(state))
+  loaded = jax.tree.map(lambda x: (x.shape, x.dtype), variables)
+  if expected != loaded:
+    raise CheckpointError(f'{config.init_from_torch} does not hold the '
+                          f'config\'s {config.model}: its tree differs')
+  variables = runtime.to_global(jax.device_get(variables), run.replicated)
+  return state.replace(params=variables['params'],
+                       batch_stats=variables['batch_stats'])
 
 
 def evaluate(run: Run, state: TrainState) -> dict:

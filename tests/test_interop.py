@@ -50,6 +50,7 @@ No torch is needed to run these tests.
 """
 
 import collections
+import json
 import io
 import os
 import pickle
@@ -390,3 +391,64 @@ def test_use_torch_without_torch_is_a_clear_error():
 def _torch_installed():
   import importlib.util  # pylint: disable=import-outside-toplevel
   return importlib.util.find_spec('torch') is not None
+
+
+# ---------------------------------------------------------------------------
+# convert.py --torch_checkpoint and train.py fine-tuning (TFDS mock images).
+
+def test_convert_runs_on_a_torch_checkpoint(tmp_path, capfd):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from cli_helpers import convert_in_process  # pylint: disable=import-outside-toplevel
+  from cos_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  path = os.path.join(FIXTURE_DIR, 'QCFS_CIFAR10_resnet20_L4.pth')
+  out = tmp_path / 'out'
+  with tfds.testing.mock_data(num_examples=8):
+    code, err = convert_in_process(capfd, torch_checkpoint=path, T=4, rho=4,
+                                   num_examples=8, output_dir=str(out))
+    batch = next(pipeline.make_dataset('cifar10', 'test', batch_size=8,
+                                       train=False, num_examples=8))
+  assert code == 0, err
+  doc = json.loads((out / 'results.json').read_text())
+  assert (doc['model'], doc['levels'], doc['dataset']) == ('resnet20', 4,
+                                                           'cifar10')
+  assert doc['checkpoint_step'] is None and not doc['checkpoint_verified']
+  info = interop.inspect_torch_checkpoint(path)
+  model, variables = interop.load_torch_checkpoint(
+      path, arch='resnet20', num_classes=10, levels=4, **info.model_kwargs)
+  ann = np.asarray(model.apply(variables, batch['image'])).argmax(-1)
+  assert doc['ann_accuracy'] == pytest.approx(np.mean(ann == batch['label']))
+
+
+def test_convert_asks_for_L_when_the_file_does_not_say(tmp_path, capfd):
+  from cli_helpers import convert_in_process, expect_usage_error  # pylint: disable=import-outside-toplevel
+  renamed = tmp_path / 'model.pth'
+  renamed.write_bytes(open(os.path.join(
+      FIXTURE_DIR, 'QCFS_CIFAR10_resnet20_L4.pth'), 'rb').read())
+  code, err = convert_in_process(capfd, torch_checkpoint=str(renamed),
+                                 output_dir=str(tmp_path / 'o'))
+  expect_usage_error(err, code, '--levels')
+
+
+def test_fine_tuning_starts_from_the_torch_weights(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from configs import paper  # pylint: disable=import-outside-toplevel
+  from cos_jax import checkpoints, training  # pylint: disable=import-outside-toplevel
+  path = os.path.join(FIXTURE_DIR, 'QCFS_CIFAR10_resnet20_L4.pth')
+  config = paper.paper_config('cifar10', 'resnet20')
+  config.model_kwargs = {'stage_features': (4, 6, 8)}
+  config.init_from_torch = path
+  config.update(batch_size=4, eval_batch_size=4, num_train_examples=8,
+                num_test_examples=4, epochs=1, async_checkpointing=False)
+  with tfds.testing.mock_data(num_examples=8):
+    run = training.prepare(config, str(tmp_path / 'run'))
+    manager = checkpoints.Manager(str(tmp_path / 'ckpt'), max_to_keep=1,
+                                  create=True)
+    state, sums = training.restore_or_init(run, manager)
+    manager.close()
+  _, expected = interop.load_torch_checkpoint(
+      path, arch='resnet20', num_classes=10, levels=4,
+      stage_features=(4, 6, 8))
+  assert sums is None
+  jax.tree.map(np.testing.assert_array_equal,
+               {'params': state.params, 'batch_stats': state.batch_stats},
+               expected)
