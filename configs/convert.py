@@ -55,6 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.time_chunk = 8
   config.seed = 0  # of the 'random' method
 
+  # Cost (docs/cost.md): count every method's spikes and synaptic operations
+  # and estimate the energy per image against the ANN's, per T. '45nm':
+  # 45 nm CMOS, MAC 4.6 pJ, accumulate 0.9 pJ (Horowitz, ISSCC 2014); '77fj':
+  # 77 fJ per synaptic operation against 12.5 pJ per MAC (the QCFS papers'
+  # figures); 'none': count nothing.
+  config.cost_model = '45nm'
+
   # Data: a TFDS split of the checkpoint's dataset (None: its test split),
   # optionally only its first num_examples; batch_size images per batch over
   # all devices (bounds memory); data_dir None: the TFDS default.

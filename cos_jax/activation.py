@@ -42,12 +42,18 @@ class SpikingConfig:
     keep_final_v: if True, each layer writes its potential after the last
       step into the ``'v_end'`` collection (same tree as ``'v0'``), so a long
       run can continue in time chunks from where this one stopped.
+    count_steps: if True, each layer sows into ``'intermediates'`` its spikes
+      at every step of this pass, per sample, summed over the last (feature)
+      axis: ``'step_spikes'``, ``[steps, B, ...spatial]`` (for the cost
+      counts of :mod:`cos_jax.cost`, where a neuron's fan-out does not depend
+      on its channel).
   """
   steps: int
   method: str | None = None
   calibration: Calibration | None = None
   record_steps: int = 0
   keep_final_v: bool = False
+  count_steps: bool = False
 
   def __post_init__(self):
     if self.steps < 1:
@@ -138,5 +144,7 @@ class Activation(nn.Module):
       n = cfg.record_steps
       self.sow('intermediates', 'spike_count', spikes[:n].sum(0))
       self.sow('intermediates', 'current_sum', currents[:n].sum(0))
+    if cfg.count_steps:
+      self.sow('intermediates', 'step_spikes', spikes.sum(-1))
     out = jnp.moveaxis(spikes * threshold, 0, 1)
     return out.reshape((-1,) + out.shape[2:])

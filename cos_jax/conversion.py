@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cos_jax import analysis, data, methods, runtime, snn
+from cos_jax import analysis, cost, data, methods, runtime, snn
 from cos_jax.settings import (Calibration, SettingsError, check_positive_int,
                               check_time_chunk)
 
@@ -37,6 +37,8 @@ class ConversionSettings:
     analysis_T: window of the offset-spike analysis (None: the model's L).
     seed: seed of the random v0 method.
     time_chunk: steps simulated at a time (None: one block).
+    cost_model: a key of ``cos_jax.cost.COST_MODELS``, or None to count no
+      spikes (docs/cost.md).
   """
   calibration: Calibration
   T: int
@@ -44,6 +46,7 @@ class ConversionSettings:
   analysis_T: int | None = None
   seed: int = 0
   time_chunk: int | None = None
+  cost_model: str | None = cost.DEFAULT_COST_MODEL
 
   @classmethod
   def from_config(cls, config) -> 'ConversionSettings':
@@ -67,7 +70,9 @@ class ConversionSettings:
         analysis_T=(None if analysis_T is None
                     else check_positive_int('analysis_T', analysis_T)),
         seed=config.seed,
-        time_chunk=check_time_chunk(config.time_chunk or None))
+        time_chunk=check_time_chunk(config.time_chunk or None),
+        cost_model=_cost_model_name(config.get('cost_model',
+                                               cost.DEFAULT_COST_MODEL)))
 
   def time_steps(self, name: str) -> int:
     """Steps simulated for ``name``: T, or T + ρ for uncalibrated methods
@@ -78,6 +83,11 @@ class ConversionSettings:
 
   def calibration_of(self, name: str) -> Calibration | None:
     return self.calibration if methods.get(name).calibrated else None
+
+
+def _cost_model_name(name) -> str | None:
+  model = cost.cost_model(name)
+  return None if model is None else model.name
 
 
 def longest_block(settings: ConversionSettings, analysis_T: int
@@ -146,11 +156,16 @@ def correct_per_step(outputs, labels, mask):
 
 @functools.partial(jax.jit, static_argnames=(
     'model', 'method', 'T', 'calibration', 'time_chunk'))
-def _snn_correct(model, variables, images, labels, mask, key, *, method,
-                 T, calibration, time_chunk):
+def _snn_correct(model, variables, images, labels, mask, key, onehots, *,
+                 method, T, calibration, time_chunk):
+  """(correct per step [T], spike counts per step and fan-out class per IF
+  layer, ``cos_jax.cost.class_counts``; empty when ``onehots`` is None)."""
   run = snn.run_method(model, variables, images, key, T=T, method=method,
-                       calibration=calibration, time_chunk=time_chunk)
-  return correct_per_step(run.outputs, labels, mask)
+                       calibration=calibration, time_chunk=time_chunk,
+                       count_steps=onehots is not None)
+  counts = ({} if onehots is None
+            else cost.class_counts(run.intermediates, onehots, mask))
+  return correct_per_step(run.outputs, labels, mask), counts
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -177,7 +192,9 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   Returns:
     ``{'examples', 'ann_accuracy', 'curves': {method: [accuracy at t=1..]},
     'layers': {'before': per-layer stats, 'after': per-layer stats},
-    'analysis_T', 'seconds': {...}}``.
+    'analysis_T', 'seconds': {...}}``, and ``'cost'``
+    (``cos_jax.cost.summarize``: SOPs, energy and rates per method and t,
+    per-layer rates and SOPs) unless ``settings.cost_model`` is None.
 
   Raises:
     cos_jax.data.DatasetUnavailableError: a batch holds non-finite pixels
@@ -199,7 +216,9 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   correct = {name: np.zeros(settings.time_steps(name), np.int64)
              for name in settings.methods}
   layer_totals = dict.fromkeys(analysed)
-  seconds = dict.fromkeys(('ann', *settings.methods, 'analysis'), 0.0)
+  seconds = dict.fromkeys(('ann', *settings.methods, 'analysis', 'cost'), 0.0)
+  network = onehots = None
+  spike_totals = dict.fromkeys(settings.methods)
 
   def timed(name, fn):
     start = time.perf_counter()
@@ -217,15 +236,21 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
         runtime.pad_batch(batch, -(-n // mesh.size) * mesh.size),
         batch_sharding)
     images, labels, mask = batch['image'], batch['label'], batch['mask']
+    if settings.cost_model and network is None:
+      network, onehots = timed('cost', lambda: _cost_network(
+          model, variables, images.shape[1:], replicated))
     key, batch_key = jax.random.split(key)
     ann_hits += int(timed('ann', lambda: ann_correct(
         model, variables, images, labels, mask)))
     for name in settings.methods:
-      correct[name] += np.asarray(timed(name, lambda name=name: _snn_correct(
-          model, variables, images, labels, mask, batch_key, method=name,
-          T=settings.time_steps(name),
+      hits, counts = timed(name, lambda name=name: _snn_correct(
+          model, variables, images, labels, mask, batch_key, onehots,
+          method=name, T=settings.time_steps(name),
           calibration=settings.calibration_of(name),
-          time_chunk=settings.time_chunk)))
+          time_chunk=settings.time_chunk))
+      correct[name] += np.asarray(hits)
+      if counts:
+        spike_totals[name] = cost.accumulate(spike_totals[name], counts)
     for when, (name, calibration) in analysed.items():
       stats, _ = timed('analysis', lambda: analysis.statistics(
           model, variables, images, mask, None, T=analysis_T, method=name,
@@ -237,6 +262,11 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
 
   if not examples:
     raise ValueError('the split has no examples: check split/num_examples')
+  costs = {} if network is None else {'cost': cost.summarize(
+      network, spike_totals,
+      {name: (settings.time_steps(name), settings.calibration_of(name))
+       for name in settings.methods}, examples,
+      cost.COST_MODELS[settings.cost_model])}
   return {
       'examples': examples,
       'ann_accuracy': ann_hits / examples,
@@ -245,4 +275,13 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
                  for when, total in layer_totals.items()},
       'analysis_T': analysis_T,
       'seconds': seconds,
+      **costs,
   }
+
+
+def _cost_network(model, variables, image_shape, replicated):
+  """The network's cost structure and its fan-out classes on the devices."""
+  network = cost.analyse(model, variables, image_shape)
+  onehots = {layer: jax.device_put(onehot, replicated) for layer, (onehot, _)
+             in cost.fanout_classes(network).items()}
+  return network, onehots

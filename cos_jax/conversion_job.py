@@ -113,6 +113,11 @@ def convert(config) -> dict:
     print(report.format_table(*report.summary_rows(result, settings)))
     print()
     print(report.format_layers(result))
+    if 'cost' in result:
+      print()
+      print(report.format_costs(result, settings))
+      print()
+      print(report.format_cost_layers(result, settings))
     meta = {'source': os.path.abspath(source(config)),
             'workdir': (None if config.torch_checkpoint
                         else os.path.abspath(config.workdir)),

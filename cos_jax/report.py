@@ -22,7 +22,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from cos_jax import analysis, methods, runtime  # pylint: disable=g-import-not-at-top
 from cos_jax.conversion import ConversionSettings  # pylint: disable=g-import-not-at-top
 
-FILES = ('results.json', 'results.csv', 'accuracy.png', 'offset_spikes.png')
+FILES = ('results.json', 'results.csv', 'accuracy.png', 'offset_spikes.png',
+         'accuracy_energy.png')
 
 
 def report_steps(T: int) -> list[int]:
@@ -85,6 +86,91 @@ def format_layers(result: dict) -> str:
                f'{100 * a["ratio_constrained"]:12.2f}% '
                f'{a["firing_rate"]:6.3f}')
   return '\n'.join(out)
+
+
+def _cost_lines(result: dict, settings: ConversionSettings
+                ) -> list[tuple[str, str, list[int]]]:
+  """(row label, method, the t of each T column) of the cost tables: a
+  calibrated method as run and as deployed (they differ under the layerwise
+  schedule only), an uncalibrated one at T and at T + ρ."""
+  steps, rho = report_steps(settings.T), settings.calibration.rho
+  lines = []
+  for name in settings.methods:
+    label = _label(name, rho)
+    if not methods.get(name).calibrated:
+      lines += [(f'{label} at T', name, steps),
+                (f'{label} at T+rho', name, [t + rho for t in steps])]
+    elif settings.calibration.schedule == 'layerwise':
+      depth = result['cost']['depth']
+      lines += [(f'{label}, as run', name, steps),
+                (f'{label}, deployed (latency {depth}*rho+T)', name, steps)]
+    else:
+      lines.append((f'{label}, global (latency '
+                    f'{settings.calibration.iterations}*rho+T)', name, steps))
+  return lines
+
+
+def cost_rows(result: dict, settings: ConversionSettings,
+              quantity: str = 'relative_energy'
+              ) -> tuple[list[str], list[list[str]]]:
+  """Per method (rows as :func:`_cost_lines`) and T = 1, 2, 4, ...
+  (columns): the energy per image relative to the ANN
+  (``quantity='relative_energy'``) or millions of SOPs per image
+  (``'sops'``)."""
+  header = ['method'] + [f'T={t}' for t in report_steps(settings.T)]
+  scale = 1e-6 if quantity == 'sops' else 1.0
+  rows = []
+  for label, name, steps in _cost_lines(result, settings):
+    cost = result['cost']['methods'][name]
+    kind = cost['deployment'] if 'deployed' in label else cost
+    rows.append([label] + [f'{scale * kind[quantity][t - 1]:.3f}'
+                           for t in steps])
+  return header, rows
+
+
+def format_costs(result: dict, settings: ConversionSettings) -> str:
+  """The cost table with its cost model and the first T at which each
+  method (as deployed) costs at least the ANN."""
+  if 'cost' not in result:
+    return 'no costs counted (cost_model none)'
+  cost = result['cost']
+  model = cost['cost_model']
+  out = [f'cost per image, {model["name"]}: {model["source"]}',
+         f'ANN {cost["ann"]["macs"] / 1e6:.3f} M MACs = '
+         f'{cost["ann"]["energy_pj"] / 1e6:.3f} uJ; the SNN: its input layer '
+         f'{cost["input_macs"] / 1e6:.3f} M MACs (once), then synaptic '
+         'operations (SOPs)', '', 'energy relative to the ANN',
+         format_table(*cost_rows(result, settings)), '',
+         'millions of SOPs',
+         format_table(*cost_rows(result, settings, 'sops')), '']
+  for name, method in cost['methods'].items():
+    relative = method['deployment']['relative_energy']
+    over = [t for t, e in enumerate(relative, start=1) if e >= 1]
+    out.append(f'{_label(name, settings.calibration.rho)}: as costly as the '
+               'ANN from ' + (f'T={over[0]}' if over else
+                              f'beyond T={len(relative)}'))
+  return '\n'.join(out)
+
+
+def format_cost_layers(result: dict, settings: ConversionSettings) -> str:
+  """Per IF layer: neurons, mean fan-out, and per method the firing rate
+  (spikes per neuron per step) and SOPs per image over T steps."""
+  if 'cost' not in result:
+    return ''
+  cost, T = result['cost'], settings.T
+  names = list(cost['methods'])
+  header = ['layer', 'neurons', 'fan-out'] + [
+      f'{kind} {name}' for name in names for kind in ('rate', 'MSOP')]
+  rows = []
+  for layer, info in cost['if_layers'].items():
+    row = [layer, str(info['neurons']), f'{info["mean_fanout"]:.1f}']
+    for name in names:
+      stats = cost['methods'][name]['layers'][layer]
+      row += [f'{stats["rate"][T - 1]:.3f}', f'{stats["sops"][T - 1] / 1e6:.3f}']
+    rows.append(row)
+  return (f'per-layer firing rates and synaptic operations per image over '
+          f'T={T} steps (main run; global probes not included)\n'
+          + format_table(header, rows))
 
 
 def _png(fig) -> bytes:
@@ -157,20 +243,66 @@ def offset_spike_figure(result: dict) -> bytes:
   return _png(fig)
 
 
+def accuracy_energy_figure(result: dict, settings: ConversionSettings
+                           ) -> bytes:
+  """PNG: accuracy against energy per image relative to the ANN (as
+  deployed), one curve per method through T = 1, 2, 4, ... (and T + ρ for
+  uncalibrated methods), the ANN at (1, its accuracy)."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  if 'cost' not in result:
+    ax.text(0.5, 0.5, 'no costs counted (cost_model none)', ha='center')
+    return _png(fig)
+  rho = settings.calibration.rho
+  for name, curve in result['curves'].items():
+    steps = report_steps(settings.T)
+    if not methods.get(name).calibrated:
+      steps = sorted(set(steps) | {t + rho for t in steps})
+    energy = result['cost']['methods'][name]['deployment']['relative_energy']
+    x = [energy[t - 1] for t in steps]
+    y = [100 * curve[t - 1] for t in steps]
+    ax.plot(x, y, marker='o', ms=3, label=_label(name, rho))
+    for t, xi, yi in zip(steps, x, y):
+      ax.annotate(str(t), (xi, yi), fontsize=6, xytext=(2, 2),
+                  textcoords='offset points')
+  ax.plot([1.0], [100 * result['ann_accuracy']], 'k*', ms=10, label='ANN')
+  ax.set_xscale('log')
+  ax.set_xlabel('energy per image / ANN (deployed; points labelled by T)')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_title(f'accuracy vs energy ({result["cost"]["cost_model"]["name"]}, '
+               f'{result["examples"]} examples)')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  return _png(fig)
+
+
 def _csv(result: dict) -> str:
+  """Accuracy per method and t; with costs, also SOPs per image and the
+  energy relative to the ANN as run and as deployed, and the latency."""
   buf = io.StringIO()
   writer = csv.writer(buf)
-  writer.writerow(['method', 'T', 'accuracy'])
-  writer.writerow(['ann', '', f'{result["ann_accuracy"]:.6f}'])
+  costs = result.get('cost', {}).get('methods')
+  cost_columns = ['sops_per_image', 'energy_rel_ann',
+                  'deployed_energy_rel_ann', 'latency_steps'] if costs else []
+  writer.writerow(['method', 'T', 'accuracy'] + cost_columns)
+  writer.writerow(['ann', '', f'{result["ann_accuracy"]:.6f}']
+                  + (['', '1.000000', '1.000000', ''] if costs else []))
   for name, curve in result['curves'].items():
     for t, acc in enumerate(curve, start=1):
-      writer.writerow([name, t, f'{acc:.6f}'])
+      extra = []
+      if costs:
+        cost = costs[name]
+        extra = [f'{cost["sops"][t - 1]:.1f}',
+                 f'{cost["relative_energy"][t - 1]:.6f}',
+                 f'{cost["deployment"]["relative_energy"][t - 1]:.6f}',
+                 cost['deployment']['latency'][t - 1]]
+      writer.writerow([name, t, f'{acc:.6f}'] + extra)
   return buf.getvalue()
 
 
 def write_results(output_dir: str, result: dict, settings: ConversionSettings,
                   meta: dict) -> list[str]:
-  """Writes :data:`FILES` (results.json/csv, accuracy and offset-spike PNGs).
+  """Writes :data:`FILES` (results.json/csv, accuracy, offset-spike and
+  accuracy-energy PNGs).
 
   ``meta`` (what was converted, where, on what) goes into results.json with
   the result and the table. The set is written into a new directory beside
@@ -181,11 +313,17 @@ def write_results(output_dir: str, result: dict, settings: ConversionSettings,
   """
   header, rows = summary_rows(result, settings)
   document = {**meta, 'table': {'header': header, 'rows': rows}, **result}
+  if 'cost' in result:
+    document['cost_table'] = {
+        'header': cost_rows(result, settings)[0],
+        'relative_energy': cost_rows(result, settings)[1],
+        'sops': cost_rows(result, settings, 'sops')[1]}
   contents = {
       'results.json': runtime.json_text(document),
       'results.csv': _csv(result),
       'accuracy.png': accuracy_figure(result, settings),
       'offset_spikes.png': offset_spike_figure(result),
+      'accuracy_energy.png': accuracy_energy_figure(result, settings),
   }
   _remove_leftovers(output_dir)
   build = runtime.sibling_tempdir(output_dir)

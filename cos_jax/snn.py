@@ -47,7 +47,7 @@ def _apply(model, variables, images, v0, config: SpikingConfig,
   mutable = []
   if v0 is None or config.method is not None:
     mutable.append('v0')
-  if capture:
+  if capture or config.count_steps:
     mutable.append('intermediates')
   if config.keep_final_v:
     mutable.append('v_end')
@@ -71,7 +71,8 @@ def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
   layer's final potential, ``time_chunk`` steps at a time, under a
   ``lax.scan``. Spikes are identical to one long run: only the batch that
   linear layers see changes size. Returns what :func:`_apply` returns, the
-  collections being those of the first chunk.
+  collections being those of the first chunk, except that the per-step
+  spike counts of ``config.count_steps`` span every chunk.
   """
   first_steps = block_steps(config.steps, config.probe_steps, time_chunk,
                             config.record_steps)
@@ -85,17 +86,40 @@ def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
   full_chunks, remainder = divmod(config.steps - first_steps, time_chunk)
   continue_for = lambda steps, v: _apply(
       model, variables, images, v,
-      SpikingConfig(steps=steps, keep_final_v=True))
-  pieces = [outputs]
+      SpikingConfig(steps=steps, keep_final_v=True,
+                    count_steps=config.count_steps))
+  pieces, counted = [outputs], [state.get('intermediates', {})]
   if full_chunks:
     def one_chunk(v, _):
       out, chunk_state = continue_for(time_chunk, v)
-      return chunk_state['v_end'], out
-    v_end, chunked = jax.lax.scan(one_chunk, v_end, length=full_chunks)
+      return chunk_state['v_end'], (out, chunk_state.get('intermediates', {}))
+    v_end, (chunked, sown) = jax.lax.scan(one_chunk, v_end,
+                                          length=full_chunks)
     pieces.append(chunked.reshape((-1,) + chunked.shape[2:]))
+    counted.append(jax.tree.map(_merge_leading, sown))
   if remainder:
-    pieces.append(continue_for(remainder, v_end)[0])
+    out, chunk_state = continue_for(remainder, v_end)
+    pieces.append(out)
+    counted.append(chunk_state.get('intermediates', {}))
+  if config.count_steps:
+    state['intermediates'] = _join_step_spikes(counted[0], counted)
   return jnp.concatenate(pieces), state
+
+
+def _merge_leading(x):
+  """[n, steps, ...] -> [n·steps, ...] (scanned chunks back into one run)."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _join_step_spikes(base: dict, trees: list[dict]) -> dict:
+  """The intermediates ``base`` with its ``'step_spikes'`` replaced by those
+  of ``trees`` joined along time, in order."""
+  flat = traverse_util.flatten_dict(base)
+  for path in flat:
+    if path[-1] == 'step_spikes':
+      flat[path] = (jnp.concatenate([
+          traverse_util.flatten_dict(tree)[path][0] for tree in trees]),)
+  return traverse_util.unflatten_dict(flat)
 
 
 def check_inputs(variables: PyTree, images) -> None:
@@ -155,10 +179,20 @@ def _calibrate(model, variables, images, v0, *, method: str,
                          calibration=calibration)
   if config.runs_from_new_v0:  # layerwise: one pass does every round
     return _apply(model, variables, images, v0, config)[1]['v0']
+  return _global_passes(model, variables, images, v0, config)[0]
+
+
+def _global_passes(model, variables, images, v0, config: SpikingConfig):
+  """The global schedule's ``iterations`` network-wide passes of ρ steps
+  from ``v0`` (θ/2 if None). Returns (calibrated v0, intermediates), where
+  ``config.count_steps`` spike counts span every pass in order."""
   if v0 is None:
     v0 = init_v0(model, variables, images)
-  one_pass = lambda _, v: _apply(model, variables, images, v, config)[1]['v0']
-  return jax.lax.fori_loop(0, calibration.iterations, one_pass, v0)
+  def one_pass(v, _):
+    _, state = _apply(model, variables, images, v, config)
+    return state['v0'], state.get('intermediates', {})
+  v0, sown = jax.lax.scan(one_pass, v0, length=config.calibration.iterations)
+  return v0, jax.tree.map(_merge_leading, sown)
 
 
 def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
@@ -278,11 +312,13 @@ class SNNRun(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'T', 'method', 'calibration', 'record_steps', 'time_chunk'))
+    'model', 'T', 'method', 'calibration', 'record_steps', 'time_chunk',
+    'count_steps'))
 def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
                key: jax.Array | None, *, T: int, method: str,
                calibration: Calibration | None, record_steps: int = 0,
-               time_chunk: int | None = DEFAULT_TIME_CHUNK) -> SNNRun:
+               time_chunk: int | None = DEFAULT_TIME_CHUNK,
+               count_steps: bool = False) -> SNNRun:
   """:func:`evaluate_snn` on settings already validated (no checks here).
 
   ``calibration`` is the :class:`~cos_jax.settings.Calibration` of a
@@ -291,22 +327,34 @@ def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
   fused pass: each layer sets its v(0), then runs ``max(ρ, T)`` steps, so
   that the next layer has ρ probe inputs too. The global schedule calibrates
   first and then simulates T steps.
+
+  With ``count_steps`` the intermediates also hold each layer's
+  ``'step_spikes'`` (:class:`~cos_jax.activation.SpikingConfig`) over every
+  step that passed spikes on: the fused run's ``max(ρ, T)`` steps, or the
+  global passes' ``iterations·ρ`` steps followed by the T-step run.
   """
   probe_steps = 1 if calibration is None else calibration.rho
   config = SpikingConfig(steps=max(T, probe_steps), method=method,
-                         calibration=calibration, record_steps=record_steps)
+                         calibration=calibration, record_steps=record_steps,
+                         count_steps=count_steps)
   if config.runs_from_new_v0:
     outputs, state = _apply_chunked(model, variables, images, None, config,
                                     capture=bool(record_steps),
                                     time_chunk=time_chunk, key=key)
     v0 = state['v0']
   else:
-    v0 = _calibrate(model, variables, images, None, method=method,
-                    calibration=calibration)
+    v0, probed = _global_passes(
+        model, variables, images, None,
+        SpikingConfig(steps=calibration.rho, method=method,
+                      calibration=calibration, count_steps=count_steps))
     outputs, state = _apply_chunked(
         model, variables, images, v0,
-        SpikingConfig(steps=T, record_steps=record_steps),
+        SpikingConfig(steps=T, record_steps=record_steps,
+                      count_steps=count_steps),
         capture=bool(record_steps), time_chunk=time_chunk)
+    if count_steps:
+      state['intermediates'] = _join_step_spikes(
+          state['intermediates'], [probed, state['intermediates']])
   return SNNRun(outputs[:T], v0, state.get('intermediates', {}))
 
 
