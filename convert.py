@@ -27,6 +27,7 @@ _CONFIG = cli.define_config(
     'Conversion config; any field can also be set as --field value.')
 _FIELDS = cli.define_field_flags(convert_config.get_config(),
                                  'configs/convert.py')
+_PROCESS_FLAGS = cli.define_process_flags()
 _HOST_DEVICES = flags.DEFINE_integer(
     'host_devices', 0, 'XLA CPU devices to split the host into (0 = one per '
     'core); only affects the CPU backend.', lower_bound=0)
@@ -34,7 +35,7 @@ _HOST_DEVICES = flags.DEFINE_integer(
 
 def main(argv):
   del argv
-  cli.start(_HOST_DEVICES.value)
+  cli.start(_HOST_DEVICES.value, _PROCESS_FLAGS)
   with cli.one_line_errors('convert.py'):
     config = _CONFIG.value
     cli.apply_field_flags(config, _FIELDS)

@@ -7,15 +7,16 @@ r"""Trains a QCFS ANN (the source network of the ANN->SNN conversion).
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 On a CPU-only machine the batch is sharded over one XLA device per core
 (--host_devices=0, the default); --host_devices=1 runs on a single device.
-Multi-host: pass --coordinator_address, --num_processes and --process_id on
-every host (each host then reads its own shard of the data).
+Many processes (one per host, or several on one machine with
+`python -m cos_jax.launch`): --coordinator_address, --num_processes and
+--process_id, or --distributed on a TPU pod slice / under SLURM; each process
+reads its own shard of the data (README, "Many hosts").
 """
 
 import os
 
 from absl import app
 from absl import flags
-import jax
 
 from cos_jax import cli, training
 
@@ -30,24 +31,14 @@ _CONFIG = cli.define_config(
 _HOST_DEVICES = flags.DEFINE_integer(
     'host_devices', 0, 'Number of XLA CPU devices to split the host into '
     '(0 = one per core). Only affects runs on the CPU backend.', lower_bound=0)
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'Multi-host: host:port of process 0, passed '
-    'to jax.distributed.initialize.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Multi-host: total number of processes.')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'Multi-host: the index of this process.')
+_PROCESS_FLAGS = cli.define_process_flags()
 
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   del argv
-  cli.start(_HOST_DEVICES.value)
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+  cli.start(_HOST_DEVICES.value, _PROCESS_FLAGS)
   with cli.one_line_errors('train.py'):
     training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

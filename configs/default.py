@@ -20,6 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = config_dict.placeholder(str)
   config.num_train_examples = config_dict.placeholder(int)
   config.num_test_examples = config_dict.placeholder(int)
+  # The data order is cut into this many shards (None: one per process; it
+  # must be a multiple of the process count). Runs with the same data_shards
+  # see the same batches whatever their number of processes and devices
+  # (cos_jax/train_input.py); the value used is recorded in config.json.
+  config.data_shards = config_dict.placeholder(int)
 
   # Model (cos_jax.models.get): QCFS ANN with L = `levels` quantisation levels.
   # `stem` matters for ResNets only ('cifar' | 'imagenet'); `model_kwargs`

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from cos_jax import runtime
@@ -35,6 +36,11 @@ def fail(program: str, message: str) -> NoReturn:
   message = ' '.join(str(message).split())
   sys.stderr.write(f'{program}: error: {message}\n')
   sys.stderr.flush()
+  if jax.distributed.is_initialized():
+    # Every process refuses the same settings; nothing was written, and
+    # JAX's shutdown barrier would wait for peers that are leaving too.
+    sys.stdout.flush()
+    os._exit(2)  # pylint: disable=protected-access
   sys.exit(2)
 
 
@@ -87,7 +93,8 @@ def flags_parser(program: str):
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)
-      flags.FLAGS['config'].value.keys()  # a config that failed to load raises
+      if 'config' in flags.FLAGS:
+        flags.FLAGS['config'].value.keys()  # a failed config load raises
     except Exception as e:  # pylint: disable=broad-except
       # ml_collections puts the cause (e.g. "No such file") on the last line.
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -100,13 +107,42 @@ def flags_parser(program: str):
   return parse
 
 
-def start(host_devices: int) -> None:
-  """Quiet logs (unless --verbosity is given) and one XLA device per core."""
+def define_process_flags() -> dict:
+  """The flags of a run over several processes (one per host, or several on
+  one machine: ``python -m cos_jax.launch``). Returns their holders."""
+  return {
+      'coordinator_address': flags.DEFINE_string(
+          'coordinator_address', None, 'Multi-process: host:port of process '
+          '0 (or $JAX_COORDINATOR_ADDRESS), for jax.distributed.initialize.'),
+      'num_processes': flags.DEFINE_integer(
+          'num_processes', None, 'Multi-process: how many processes.',
+          lower_bound=1),
+      'process_id': flags.DEFINE_integer(
+          'process_id', None, 'Multi-process: the index of this process.',
+          lower_bound=0),
+      'distributed': flags.DEFINE_bool(
+          'distributed', False, 'Multi-process with what JAX detects by '
+          'itself (a TPU pod slice, SLURM, Open MPI): every host runs the '
+          'same command.'),
+  }
+
+
+def start(host_devices: int, process_flags: dict) -> None:
+  """Quiet logs (unless --verbosity is given), one XLA device per core, and
+  the multi-process runtime when asked for (flags or JAX's environment)."""
   if not flags.FLAGS['verbosity'].present:
     # Orbax logs every file it writes (INFO) and TFDS warns about benign
     # things; keep stderr for errors. --verbosity=0 shows everything.
     logging.set_verbosity(logging.ERROR)
   runtime.use_all_host_cores(host_devices)
+  explicit = {name: process_flags[name].value for name in
+              ('coordinator_address', 'num_processes', 'process_id')}
+  if (process_flags['distributed'].value or any(
+      v is not None for v in explicit.values())
+      or os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    # A process that loses its peers aborts after the heartbeat timeout
+    # instead of waiting forever in a collective.
+    jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=30)
 
 
 @contextlib.contextmanager

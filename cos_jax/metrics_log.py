@@ -102,7 +102,7 @@ class RunningSums:
     """
     if self._pending is None:
       return
-    (metrics, step), self._pending = jax.device_get(self._pending), None
+    (metrics, step), self._pending = runtime.to_host(self._pending), None
     if not math.isfinite(float(metrics['loss'])):
       raise DivergedError(
           f'training diverged: the loss is {float(metrics["loss"])} at step '

@@ -92,6 +92,23 @@ def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
   return Mesh(devices, (DATA_AXIS,))
 
 
+def to_host(tree):
+  """Host (NumPy) copies of a tree of arrays, in any process.
+
+  ``jax.device_get`` needs every shard on this process; with several
+  processes a replicated global array has only some here, and any one of them
+  is the whole value. (Batch-sharded arrays must be gathered first.)
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        raise ValueError('to_host takes replicated arrays across processes; '
+                         f'got sharding {x.sharding}')
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
 def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
   """(replicated, batch-sharded) shardings of ``mesh``."""
   return NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))

@@ -83,7 +83,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not _positive_int(config[name]):
       raise ConfigError(f'{name} must be a positive integer, got '
                         f'{config[name]!r}: fix --config.{name}')
-  for name in ('num_train_examples', 'num_test_examples', 'stop_after_steps'):
+  for name in ('num_train_examples', 'num_test_examples', 'stop_after_steps',
+               'data_shards'):
     value = config.get(name)
     if value is not None and not _positive_int(value):
       raise ConfigError(f'{name} must be None or a positive integer, got '
@@ -115,6 +116,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       '--config.model_kwargs.threshold_init')
 
 
+def with_data_shards(config: ml_collections.ConfigDict,
+                     process_count: int) -> ml_collections.ConfigDict:
+  """``config`` with ``data_shards`` resolved (None: one per process)."""
+  if config.get('data_shards'):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data_shards = process_count
+  return config
+
+
 def check_resume(saved: ml_collections.ConfigDict,
                  config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a run whose trajectory the new config would change.
@@ -125,6 +136,7 @@ def check_resume(saved: ml_collections.ConfigDict,
   run.
   """
   old, new = plain(saved), plain(config)
+  old.setdefault('data_shards', 1)  # what one process did before the field
   diff = [k for k in sorted(set(old) | set(new))
           if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)]
   if diff:

@@ -42,7 +42,7 @@ from cos_jax.metrics_log import (DivergedError, MetricsLog, RunningSums,
                                  progress_bar, say)
 from cos_jax.train_config import (abstract_variables, check_devices,
                                   create_model, model_kwargs, plain,
-                                  validate_config)
+                                  validate_config, with_data_shards)
 from cos_jax.train_input import (DataPlan, eval_batches, plan_data,
                                  train_batches)
 from cos_jax.train_steps import (TrainState, create_optimizer,
@@ -99,6 +99,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     ConfigError / CheckpointError / DatasetUnavailableError (one line).
   """
   validate_config(config)
+  config = with_data_shards(config, jax.process_count())
   resuming = checkpoints.check_workdir(config, workdir)
   check_devices(config)
   plan = plan_data(config, jax.process_index(), jax.process_count())
@@ -133,12 +134,12 @@ def _all_finite(tree) -> jax.Array:
 
 def _host_state(tree, step: int):
   """``tree`` on the host, refused if any value is not finite."""
-  if not bool(_all_finite(tree)):
+  if not bool(runtime.to_host(_all_finite(tree))):
     raise DivergedError(f'training diverged: the state at step {step} holds '
                         'non-finite values, so it was not saved. Lower '
                         '--config.learning_rate, then rerun: it resumes from '
                         'the last checkpoint')
-  return jax.device_get(tree)
+  return runtime.to_host(tree)
 
 
 def save_state(manager: checkpoints.Manager, step: int, state: TrainState,
@@ -154,8 +155,10 @@ def save_state(manager: checkpoints.Manager, step: int, state: TrainState,
 
 def crash_point(phase: str, step: int) -> None:
   """Fault injection for the crash-consistency tests: SIGKILLs this process
-  when ``$COS_JAX_CRASH_AT`` is ``<phase>@<step>``. A no-op otherwise."""
-  if os.environ.get('COS_JAX_CRASH_AT') == f'{phase}@{step}':
+  when ``$COS_JAX_CRASH_AT`` is ``<phase>@<step>`` (or
+  ``<phase>@<step>@<process index>``). A no-op otherwise."""
+  target = os.environ.get('COS_JAX_CRASH_AT')
+  if target in (f'{phase}@{step}', f'{phase}@{step}@{jax.process_index()}'):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -202,14 +205,15 @@ def _from_torch(run: Run, state: TrainState) -> TrainState:
 def evaluate(run: Run, state: TrainState) -> dict:
   """Test loss/accuracy of ``state`` over the whole (possibly capped) split."""
   keys = ('loss', 'correct', 'count')
+  row = lambda sums: np.array(runtime.to_host([sums[k] for k in keys]))
   totals, pending = np.zeros(len(keys)), None
   for batch in eval_batches(run.config, run.plan):
     sums = run.eval_step(state, runtime.to_global(batch, run.batch_sharding))
     if pending is not None:  # fetched one batch late: keeps the device busy
-      totals += [float(pending[k]) for k in keys]
+      totals += row(pending)
     pending = sums
   if pending is not None:
-    totals += [float(pending[k]) for k in keys]
+    totals += row(pending)
   loss, correct, count = totals
   if run.plan.num_test is not None and int(round(count)) != run.plan.num_test:
     raise RuntimeError(f'evaluated {count:.0f} test examples, expected '
@@ -364,9 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   with runtime.exclusive_lock(os.path.join(workdir, checkpoints.LOCK_FILE),
                               f'--workdir {workdir}'):
     # Again under the lock: another run may have written here meanwhile.
-    if not checkpoints.check_workdir(config, workdir):
+    if not checkpoints.check_workdir(run.config, workdir):
       runtime.write_json_atomic(
-          os.path.join(workdir, checkpoints.CONFIG_FILE), plain(config))
+          os.path.join(workdir, checkpoints.CONFIG_FILE), plain(run.config))
     return _train(run)
 
 
@@ -375,7 +379,7 @@ def _train(run: Run) -> dict[str, Any]:
   config, workdir = run.config, run.workdir
   manager, best_manager = managers = _open_managers(run)
   state, saved_sums = restore_or_init(run, manager)
-  step = int(jax.device_get(state.step))
+  step = int(runtime.to_host(state.step))
   bar = progress_bar(run.stop_step * config.batch_size,
                      step * config.batch_size, run.is_main)
   sums = RunningSums(on_step=lambda: bar.update(config.batch_size))

@@ -126,6 +126,8 @@ def test_notebook_runs_on_all_devices(workdir, devices):
   assert os.path.abspath(python) == os.path.abspath(sys.executable)
   assert f'jax.device_count() = {devices}\n' in out
   assert 'pmap == sharded: True' in out
+  assert 'global-array calibration == sharded: True' in out
+  assert 'PyTorch resnet20 (L=4, 10 classes) as an SNN: outputs (4, ' in out
   assert 'fused == calibrate + simulate: True' in out
   accuracy = float(re.search(
       rf'^COS accuracy at T={PARAMETERS["T_MAX"]}: ([0-9.]+)$', out,

@@ -281,14 +281,17 @@ def _num_examples_in(split, spec: DatasetSpec) -> int:
 
 
 def steps_per_epoch(name: str, batch_size: int, split: str = 'train',
-                    num_examples: Optional[int] = None) -> int:
-  """Batches one `make_dataset(..., train=True)` call yields on this host.
+                    num_examples: Optional[int] = None,
+                    num_shards: Optional[int] = None) -> int:
+  """Batches one `make_dataset(..., train=True)` call yields per shard.
 
-  Uses the default sharding (jax.process_index/process_count) and
-  drop_remainder=True; `num_examples` caps the examples of this host's shard.
+  ``num_shards`` defaults to jax.process_count() as in `make_dataset`; train
+  shards have equal sizes, so every shard yields as many. drop_remainder=True;
+  `num_examples` caps the examples of a shard.
   """
   spec = dataset_info(name)
-  shard_index, num_shards = _resolve_shards(None, None)
+  shard_index, num_shards = _resolve_shards(0 if num_shards else None,
+                                            num_shards)
   n = _num_examples_in(_shard_split(split, shard_index, num_shards, True), spec)
   if num_examples is not None:
     n = min(n, num_examples)
