@@ -137,9 +137,9 @@ def matmul_gflops(devices) -> float:
   """GFLOP/s of a float32 [n·d, n] x [n, n] matmul (n = matmul_side())
   over the d ``devices``, rows sharded (each device multiplies n³)."""
   import jax  # pylint: disable=g-import-not-at-top
-  size = matmul_side()
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from cos_jax import runtime  # pylint: disable=g-import-not-at-top
+  size = matmul_side()
   mesh = runtime.make_mesh(devices)
   a = jax.device_put(
       jax.random.normal(jax.random.key(0), (size * len(devices), size)),

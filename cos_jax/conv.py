@@ -172,7 +172,8 @@ def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, geometry: ConvGeometry,
                 (n, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c),
                 (1, sh, sw, 1))
       for i in rows for j in cols]
-  patches = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+  patches = (jnp.concatenate(columns, axis=-1) if len(columns) > 1
+             else columns[0])
   if rows != tuple(range(rhs.shape[0])) or cols != tuple(range(rhs.shape[1])):
     rhs = rhs[np.asarray(rows)[:, None], np.asarray(cols)[None, :]]
   # Row-major (i, j, c) tap order of the patches is the kernel's HWIO order.

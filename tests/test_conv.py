@@ -26,12 +26,11 @@ DN = ('NHWC', 'HWIO', 'NHWC')
 
 # (batch, map side, C_in, C_out, kernel, stride, padding): the zoo's layer
 # kinds (CIFAR 32x32 down to VGG block 5's 2x2 map, a 1x1 map, the ImageNet
-# 7x7/2 stem on a reduced map, the 1x1/2 shortcuts), batches incl. 1.
+# 7x7/2 stem on a reduced map, the 1x1/2 shortcuts), batches incl. 1. The
+# 3x3 convs of the small net and ResNet-20 (7x7 to 32x32 maps, 1 to 64
+# channels) are of the same kinds as the first two rows.
 LAYERS = [
     (2, 32, 3, 64, 3, 1, 1),     # first layer of VGG / ResNet-18/34
-    (1, 32, 16, 16, 3, 1, 1),    # ResNet-20 stage 1, batch 1
-    (2, 28, 1, 32, 3, 1, 1),     # small net, Fashion-MNIST
-    (2, 7, 64, 128, 3, 1, 1),    # small net, last stage
     (2, 4, 512, 512, 3, 1, 1),   # VGG block 4
     (3, 2, 512, 512, 3, 1, 1),   # VGG block 5 (map smaller than kernel)
     (2, 1, 512, 512, 3, 1, 1),   # 1x1 map: only the centre tap is live
@@ -101,10 +100,9 @@ def matmul_and_lax(x, w, cotangent, layer):
 
 
 # float64 checks every layer tightly; float32 (where the bound is loose) the
-# ones with the longest sums, the first layer and the stem.
+# ones with the longest sums.
 CASES = [(layer, 'float64') for layer in LAYERS] + [
-    (layer, 'float32') for layer in LAYERS
-    if layer[3] == 512 or layer[2] == 3]
+    (layer, 'float32') for layer in LAYERS if layer[3] == 512]
 
 
 @pytest.mark.parametrize('layer,dtype', CASES,
