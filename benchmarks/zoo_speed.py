@@ -3,7 +3,7 @@ r"""Zoo speed and memory, each figure a ratio measured in the same run.
 For every selected model (CIFAR 32x32 and ImageNet 224x224 layouts):
 
 * the machine's limit: a large float32 matmul's GFLOP/s, on all devices
-  (rows sharded) and on one;
+  (rows sharded) and on one; the faster of the two is the limit;
 * the ANN forward's GFLOP/s and its fraction of that limit. FLOPs are counted
   analytically from the jaxpr of the model with ``conv_impl='lax'``: 2 x the
   multiply-adds of every convolution (padded taps included, as usual MAC
@@ -113,17 +113,26 @@ def progress(what: str):
         file=sys.stderr, flush=True)
 
 
-def median_seconds(fns: dict, args: tuple, repeats: int) -> dict:
-  """Median wall time of each ``fn(*args)``; runs alternate between fns."""
+def median_seconds(fns: dict, args: tuple, repeats: int,
+                   cpu: dict | None = None) -> dict:
+  """Median wall time of each ``fn(*args)``; runs alternate between fns.
+
+  If ``cpu`` is a dict, it receives each fn's median process CPU time (all
+  threads): CPU / wall is the number of cores a run kept busy.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   for fn in fns.values():  # compile and warm up
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in fns}
+  cpu_times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
+      cpu_times[name].append(time.process_time() - start_cpu)
+  if cpu is not None:
+    cpu.update({name: statistics.median(t) for name, t in cpu_times.items()})
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -133,22 +142,29 @@ def matmul_side() -> int:
                                else 8192)
 
 
-def matmul_gflops(devices) -> float:
-  """GFLOP/s of a float32 [n·d, n] x [n, n] matmul (n = matmul_side())
-  over the d ``devices``, rows sharded (each device multiplies n³)."""
+def matmul_gflops() -> dict:
+  """GFLOP/s of float32 matmuls, timed in alternation: ``'all'``, an
+  [n·d, n] x [n, n] product over all d devices, rows sharded (n³ per device,
+  n = matmul_side()), and ``'one'``, n³ on one device."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from cos_jax import runtime  # pylint: disable=g-import-not-at-top
-  size = matmul_side()
-  mesh = runtime.make_mesh(devices)
-  a = jax.device_put(
-      jax.random.normal(jax.random.key(0), (size * len(devices), size)),
-      NamedSharding(mesh, P(runtime.DATA_AXIS)))
-  b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size)),
-                     NamedSharding(mesh, P()))
-  seconds = median_seconds({'mm': jax.jit(lambda a, b: a @ b)}, (a, b),
-                           max(FLAGS.repeats, 3))['mm']
-  return 2 * size**3 * len(devices) / seconds / 1e9
+  size, gflops = matmul_side(), {}
+  for name, devices in (('all', jax.devices()), ('one', jax.devices()[:1])):
+    mesh = runtime.make_mesh(devices)
+    a = jax.device_put(
+        jax.random.normal(jax.random.key(0), (size * len(devices), size)),
+        NamedSharding(mesh, P(runtime.DATA_AXIS)))
+    b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size)),
+                       NamedSharding(mesh, P()))
+    gflops[name] = (jax.jit(lambda a, b: a @ b), (a, b), 2 * size**3 * len(
+        devices) / 1e9)
+  seconds = median_seconds(
+      {name: lambda _, f=f, args=args: f(*args)
+       for name, (f, args, _) in gflops.items()}, (None,),
+      max(FLAGS.repeats, 5))
+  return {name: work / seconds[name]
+          for name, (_, _, work) in gflops.items()}
 
 
 def _sub_jaxprs(eqn):
@@ -215,24 +231,25 @@ def time_model(name: str, batch: int) -> dict:
       jax.jit(model.init)(jax.random.key(1), images[:1]), replicated)
   lax_model = model.clone(conv_impl='lax')
   rho, T = FLAGS.rho, FLAGS.T
+  cpu = {}
   ann = median_seconds({
       'ann': jax.jit(model.apply),
       'ann_lax': jax.jit(lax_model.apply)}, (variables, images),
-                       FLAGS.repeats)
+                       FLAGS.repeats, cpu)
   snn = median_seconds({
       'cos': lambda v, x: cos_jax.evaluate_snn(
           model, v, x, T=T, rho=rho).outputs,
       'calibrate_simulate': lambda v, x: cos_jax.simulate(
           model, v, x, cos_jax.calibrate(model, v, x, rho=rho), T=T)},
-                       (variables, images), FLAGS.repeats)
-  return {**ann, **snn}
+                       (variables, images), FLAGS.repeats, cpu)
+  return {**ann, **snn, 'cpu': cpu}
 
 
 def measure(names: list[str]) -> dict:
   """This process's figures: matmul limit and every model's seconds."""
   import jax  # pylint: disable=g-import-not-at-top
   result = {'devices': jax.device_count(), 'platform': jax.default_backend(),
-            'matmul_gflops': matmul_gflops(jax.devices()),
+            'matmul_gflops': matmul_gflops(),
             'models': {}}
   for name in names:
     # A batch that splits evenly over the devices (the default, rounded up).
@@ -259,12 +276,15 @@ def single_device_run(names: list[str]) -> dict:
   return json.loads(lines[-1][len('RESULT '):])
 
 
-def report_speed(result: dict, single: dict | None, one_device_gflops: float):
-  limit = result['matmul_gflops']
+def report_speed(result: dict, single: dict | None):
+  matmul = result['matmul_gflops']
+  # One XLA CPU device may already use every core for a dot: the limit is
+  # the faster of the two.
+  limit = max(matmul.values())
   steps = max(FLAGS.rho, FLAGS.T)
-  print(f'\nmachine limit: float32 matmul {limit:.0f} GFLOP/s on '
-        f'{result["devices"]} device(s), {one_device_gflops:.0f} GFLOP/s on '
-        f'one ({matmul_side()}^3 per device)')
+  print(f'\nmachine limit: float32 matmul {matmul["all"]:.0f} GFLOP/s on '
+        f'{result["devices"]} device(s), {matmul["one"]:.0f} GFLOP/s on one '
+        f'({matmul_side()}^3 per device); limit = {limit:.0f} GFLOP/s')
   print(f'SNN runs: rho={FLAGS.rho} T={FLAGS.T}; ratios are to '
         f'max(rho,T)={steps} ANN forwards (calibrate+simulate floor: '
         f'{(FLAGS.rho + FLAGS.T) / steps:.2f})')
@@ -287,15 +307,21 @@ def report_speed(result: dict, single: dict | None, one_device_gflops: float):
     return
   n = result['devices']
   print(f'\n1 host device vs {n} (speed-up = 1-device time / {n}-device '
-        f'time); matmul {single["matmul_gflops"]:.0f} vs {limit:.0f} GFLOP/s '
-        f'= {limit / single["matmul_gflops"]:.2f}x')
+        f'time); matmul {single["matmul_gflops"]["all"]:.0f} vs '
+        f'{matmul["all"]:.0f} GFLOP/s = '
+        f'{matmul["all"] / single["matmul_gflops"]["all"]:.2f}x')
+  print('  (CPU: process CPU-ms per image, all threads; cores: CPU / wall. '
+        'Speed-up = CPU-work ratio x busy-core ratio, and the second factor '
+        'is at most cores / (cores the 1-device run keeps busy))')
   for name, one in single['models'].items():
     many = result['models'][name]
-    per_image = lambda m, k: m[k] / m['batch']
-    print(f'  {name:18s} ' + '  '.join(
-        f'{k} {per_image(one, k) * 1e3:.1f} vs {per_image(many, k) * 1e3:.1f} '
-        f'ms/image ({per_image(one, k) / per_image(many, k):.2f}x)'
-        for k in ('ann', 'cos')))
+    for k in ('ann', 'cos'):
+      wall = [m[k] / m['batch'] for m in (one, many)]
+      cpu = [m['cpu'][k] / m['batch'] for m in (one, many)]
+      print(f'  {name:18s} {k:4s} {wall[0] * 1e3:7.2f} vs {wall[1] * 1e3:7.2f} '
+            f'ms/image ({wall[0] / wall[1]:.2f}x); CPU {cpu[0] * 1e3:7.2f} vs '
+            f'{cpu[1] * 1e3:7.2f} ms/image ({cpu[0] / cpu[1]:.2f}x), cores '
+            f'{cpu[0] / wall[0]:.2f} vs {cpu[1] / wall[1]:.2f}')
 
 
 def layer_table(names: list[str]):
@@ -419,8 +445,7 @@ def main(argv):
     elif single_names:
       print('1-device comparison skipped: host devices do not run the models '
             f'on {jax.default_backend()}')
-    report_speed(result, single,
-                 matmul_gflops(jax.devices()[:1]))
+    report_speed(result, single)
   if FLAGS.layer_table:
     layer_table(FLAGS.layer_table)
   if FLAGS.memory_models:
