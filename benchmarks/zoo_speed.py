@@ -61,8 +61,8 @@ class ModelSpec(NamedTuple):
 MODELS = {
     'resnet20': ModelSpec('resnet20', {}, (32, 32, 3), 64),
     'vgg16': ModelSpec('vgg16', {}, (32, 32, 3), 32),
-    'resnet18': ModelSpec('resnet18', {}, (32, 32, 3), 32),
-    'resnet34': ModelSpec('resnet34', {}, (32, 32, 3), 32),
+    'resnet18': ModelSpec('resnet18', {}, (32, 32, 3), 16),
+    'resnet34': ModelSpec('resnet34', {}, (32, 32, 3), 16),
     'resnet34_imagenet': ModelSpec('resnet34', {'stem': 'imagenet'},
                                    (224, 224, 3), 2),
     'vgg16_imagenet': ModelSpec('vgg16', {}, (224, 224, 3), 2),
@@ -72,7 +72,8 @@ flags.DEFINE_list('models', ['resnet20', 'vgg16', 'resnet18', 'resnet34',
                              'resnet34_imagenet'],
                   f'Models timed, of: {", ".join(MODELS)}.')
 flags.DEFINE_integer('batch', 0, 'Global batch of every timed model (0: each '
-                     "model's default, 64/32 on CIFAR, 2 on ImageNet).")
+                     "model's default: ResNet-20 64, VGG-16 32, ResNet-18/34 "
+                     '16 on CIFAR, 2 on ImageNet).')
 flags.DEFINE_integer('rho', 4, 'Probe steps of the timed SNN runs.')
 flags.DEFINE_integer('T', 8, 'Simulation steps of the timed SNN runs.')
 flags.DEFINE_integer('levels', 4, 'QCFS levels.')
