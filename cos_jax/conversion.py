@@ -238,7 +238,7 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     images, labels, mask = batch['image'], batch['label'], batch['mask']
     if settings.cost_model and network is None:
       network, onehots = timed('cost', lambda: _cost_network(
-          model, variables, images.shape[1:], replicated))
+          model, variables, images.shape[1:], len(mask), replicated))
     key, batch_key = jax.random.split(key)
     ann_hits += int(timed('ann', lambda: ann_correct(
         model, variables, images, labels, mask)))
@@ -279,9 +279,10 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   }
 
 
-def _cost_network(model, variables, image_shape, replicated):
+def _cost_network(model, variables, image_shape, batch, replicated):
   """The network's cost structure and its fan-out classes on the devices."""
   network = cost.analyse(model, variables, image_shape)
+  cost.check_batch(network, batch)
   onehots = {layer: jax.device_put(onehot, replicated) for layer, (onehot, _)
              in cost.fanout_classes(network).items()}
   return network, onehots

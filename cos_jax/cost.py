@@ -42,6 +42,9 @@ OUTPUT = 'output'  # the network's (non-spiking) output, as a fan-out target
 _LINEAR = (nn.Conv, nn.Dense)
 # Probe patterns run through the twin this many neuron-values at a time.
 _PROBE_VALUES = 2**24
+# Exact counts: a sample's spikes per step and class are summed in float32
+# (exact below 2**24), a batch's in int32.
+_MAX_NEURONS, _MAX_BATCH_SPIKES = 2**24, 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,8 +352,11 @@ def analyse(model: nn.Module, variables: PyTree, image_shape) -> Network:
       memo[layer] = 1 + max((chain(t) for t in targets[layer] if t != OUTPUT),
                             default=0)
     return memo[layer]
-  return Network(layers=layers,
-                 neurons={n: math.prod(shapes[n]) for n in layers},
+  neurons = {n: math.prod(shapes[n]) for n in layers}
+  if max(neurons.values()) >= _MAX_NEURONS:
+    raise ValueError(f'an IF layer has {max(neurons.values())} neurons; exact '
+                     f'counts need fewer than {_MAX_NEURONS}')
+  return Network(layers=layers, neurons=neurons,
                  fanout=fanout, targets=targets, ann_macs=ann_macs,
                  input_macs=input_macs,
                  depth=max((chain(n) for n in layers), default=0))
@@ -367,6 +373,14 @@ def fanout_classes(network: Network) -> dict[str, tuple[np.ndarray,
     values, ids = np.unique(fanout.ravel(), return_inverse=True)
     out[layer] = (np.eye(len(values), dtype=np.int32)[ids.ravel()], values)
   return out
+
+
+def check_batch(network: Network, batch: int) -> None:
+  """Raises ValueError if ``batch`` samples could overflow the int32 sums of
+  :func:`class_counts`."""
+  if batch * max(network.neurons.values(), default=0) > _MAX_BATCH_SPIKES:
+    raise ValueError(f'a batch of {batch} could hold more than 2**31 spikes '
+                     'of one layer per step: count smaller batches')
 
 
 def class_counts(intermediates: PyTree, onehots: dict[str, jax.Array],
@@ -387,12 +401,14 @@ def class_counts(intermediates: PyTree, onehots: dict[str, jax.Array],
   for path, value in traverse_util.flatten_dict(intermediates).items():
     if path[-1] != 'step_spikes':
       continue
+    layer = '/'.join(path[:-1])
     steps = value[0]
-    steps = steps.reshape(steps.shape[:2] + (-1,)).astype(jnp.int32)
-    per_position = jnp.sum(steps * mask.astype(jnp.int32)[None, :, None],
-                           axis=1)
-    out['/'.join(path[:-1])] = jnp.dot(per_position, onehots['/'.join(
-        path[:-1])], preferred_element_type=jnp.int32)
+    # Per sample a float matmul (its partial sums are integers below 2**24,
+    # see analyse), then an int32 sum over the unmasked samples.
+    per_class = jnp.dot(steps.reshape(steps.shape[:2] + (-1,)).astype(
+        jnp.float32), onehots[layer].astype(jnp.float32)).astype(jnp.int32)
+    out[layer] = jnp.sum(per_class * mask.astype(jnp.int32)[None, :, None],
+                         axis=1)
   return out
 
 
