@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # code (a .pth state_dict of this model, dataset and L; its weights, BN
   # statistics and thresholds; the optimizer starts fresh). Only for a new run.
   config.init_from_torch = config_dict.placeholder(str)
+  # Or from the best checkpoint of another train.py workdir of this model
+  # (e.g. a second cosine cycle); the optimizer starts fresh.
+  config.init_from_workdir = config_dict.placeholder(str)
 
   # Bookkeeping. Checkpoints are also written at the end of every epoch.
   config.checkpoint_every_steps = 500

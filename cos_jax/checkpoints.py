@@ -224,20 +224,18 @@ class Manager:
     return self._restore(step, train=target)['train']
 
   def restore_metadata(self, step: int) -> dict:
-    try:
-      return self._manager.restore(step, args=ocp.args.Composite(
-          metadata=ocp.args.JsonRestore()))['metadata']
-    except Exception as e:  # pylint: disable=broad-except
-      raise _corrupted(self.where(step), e,
-                       'delete it to use an earlier one') from None
+    return self._restore_json(step, 'metadata')
 
   def stored_digests(self, step: int) -> dict | None:
     """The digests saved with ``step`` (None for a checkpoint without)."""
     if not os.path.isdir(os.path.join(self.where(step), 'digests')):
       return None
+    return self._restore_json(step, 'digests')
+
+  def _restore_json(self, step: int, item: str):
     try:
       return self._manager.restore(step, args=ocp.args.Composite(
-          digests=ocp.args.JsonRestore()))['digests']
+          **{item: ocp.args.JsonRestore()}))[item]
     except Exception as e:  # pylint: disable=broad-except
       raise _corrupted(self.where(step), e,
                        'delete it to use an earlier one') from None

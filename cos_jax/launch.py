@@ -115,14 +115,24 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
       proc.wait()
 
 
+def _last_line(tail: bytes) -> str:
+  lines = [line for line in tail.decode(errors='replace').splitlines()
+           if line.strip()]
+  return lines[-1].split('\r')[-1].strip() if lines else ''
+
+
 def supervise(procs: list[subprocess.Popen], grace: float) -> int:
   """Forwards process 0's stderr until everyone is done; stops all on a
-  crash. Returns the exit code of the launch."""
+  crash, or when one refused (exit code 2) and the others still run after
+  ``grace`` seconds (they would wait for it in a collective). Returns the
+  exit code of the launch."""
   tails = [b''] * len(procs)
   selector = selectors.DefaultSelector()
   for i, proc in enumerate(procs):
     os.set_blocking(proc.stderr.fileno(), False)
     selector.register(proc.stderr, selectors.EVENT_READ, i)
+  refused_at = None
+  mid_line = False  # process 0's forwarded output ended inside a line
   while selector.get_map():
     for key, _ in selector.select(timeout=0.2):
       i = key.data
@@ -135,15 +145,27 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
       if i == 0 and _crashed(procs) is None:
         sys.stderr.buffer.write(chunk)
         sys.stderr.flush()
+        mid_line = not chunk.endswith((b'\n', b'\r'))
     crashed = _crashed(procs)
     if crashed is not None:
       _stop(procs, grace)
       i, code = crashed
-      last = [line for line in tails[i].decode(errors='replace').splitlines()
-              if line.strip()]
-      detail = f' (it said: {last[-1].strip()[:200]})' if last else ''
+      last = _last_line(tails[i])
+      detail = f' (it said: {last[:200]})' if last else ''
+      if mid_line:  # e.g. a progress bar: the error gets a line of its own
+        sys.stderr.write('\n')
       return _fail(f'process {i} of {len(procs)} ended with {_describe(code)}'
                    f'{detail}; stopped the other processes')
+    refused = [i for i, p in enumerate(procs) if p.poll() == 2]
+    if refused and refused_at is None:
+      refused_at = time.time()
+    if (refused and any(p.poll() is None for p in procs)
+        and time.time() - refused_at > grace):
+      _stop(procs, grace)
+      if procs[0].returncode != 2:  # process 0 did not say it: pass it on
+        sys.stderr.write(('\n' if mid_line else '')
+                         + _last_line(tails[refused[0]]) + '\n')
+      return 2
   codes = [proc.wait() for proc in procs]
   return codes[0] if codes[0] else max(codes)
 

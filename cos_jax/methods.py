@@ -91,9 +91,8 @@ def layer_v0(name: str, probe_currents: jax.Array, threshold: jax.Array,
         epsilon=calibration.epsilon,
         saturate=calibration.saturated == 'fire')
   if name == 'lightweight':  # paper A.5: v(0) <- v(ρ)
-    return jax.lax.fori_loop(
-        0, rounds, lambda _, v: neuron.probe(probe_currents, threshold, v).v,
-        v0)
+    return neuron.repeat(
+        lambda _, v: neuron.probe(probe_currents, threshold, v).v, rounds, v0)
   if name == 'half':
     return neuron.half_threshold(threshold, like)
   if name == 'zero':

@@ -312,11 +312,19 @@ def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
     v0 = half_threshold(threshold, currents[0])
   v0 = jnp.broadcast_to(jnp.asarray(v0, currents.dtype), currents.shape[1:])
 
-  # A loop, not unrolled: compile time and memory do not grow with rounds.
-  return jax.lax.fori_loop(
-      0, iterations, lambda _, v: shift_v0(
-          v, probe(currents, threshold, v), threshold, probe_steps, epsilon,
-          saturate=saturate), v0)
+  one_round = lambda _, v: shift_v0(v, probe(currents, threshold, v),
+                                    threshold, probe_steps, epsilon,
+                                    saturate=saturate)
+  return repeat(one_round, iterations, v0)
+
+
+def repeat(body, rounds: int, value):
+  """``rounds`` applications of ``body(i, value)``: inline for one round (XLA
+  then fuses it with its neighbours), else a loop, so that compile time and
+  memory do not grow with the number of rounds."""
+  if rounds == 1:
+    return body(0, value)
+  return jax.lax.fori_loop(0, rounds, body, value)
 
 
 def offset_spikes(ann_output: Array, spike_count: Array, threshold: Array,

@@ -108,6 +108,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if init_from is not None and not os.path.isfile(init_from):
     raise ConfigError(f'init_from_torch {init_from!r} is not a file: pass the '
                       'path of a PyTorch .pth checkpoint')
+  init_workdir = config.get('init_from_workdir')
+  if init_workdir is not None:
+    if init_from is not None:
+      raise ConfigError('init_from_torch and init_from_workdir are both set: '
+                        'start from one of them')
+    if not os.path.isfile(os.path.join(init_workdir, 'config.json')):
+      raise ConfigError(f'init_from_workdir {init_workdir!r} is not a '
+                        'train.py workdir (no config.json): pass one')
   threshold_init = (config.get('model_kwargs') or {}).get('threshold_init',
                                                           8.0)
   if not _finite_number(threshold_init) or threshold_init <= 0:

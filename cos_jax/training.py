@@ -170,6 +170,8 @@ def restore_or_init(run: Run, manager: checkpoints.Manager
   if step is None:
     if run.config.get('init_from_torch'):
       state = _from_torch(run, state)
+    elif run.config.get('init_from_workdir'):
+      state = _from_workdir(run, state)
     return state, None
   variables = manager.restore_variables(step, _variables(state))
   train = manager.restore_train(step, {
@@ -192,11 +194,23 @@ def _from_torch(run: Run, state: TrainState) -> TrainState:
       config.init_from_torch, arch=config.model,
       num_classes=run.plan.spec.num_classes, levels=config.levels,
       **model_kwargs(config))
+  return _with_variables(state, variables, config.init_from_torch, run)
+
+
+def _from_workdir(run: Run, state: TrainState) -> TrainState:
+  """``state`` with the variables of another workdir's best checkpoint."""
+  source = run.config.init_from_workdir
+  variables = checkpoints.restore(source, which='best').variables
+  return _with_variables(state, variables, source, run)
+
+
+def _with_variables(state: TrainState, variables: dict, source: str,
+                    run: Run) -> TrainState:
   expected = jax.tree.map(lambda x: (x.shape, x.dtype), _variables(state))
   loaded = jax.tree.map(lambda x: (x.shape, x.dtype), variables)
   if expected != loaded:
-    raise CheckpointError(f'{config.init_from_torch} does not hold the '
-                          f'config\'s {config.model}: its tree differs')
+    raise CheckpointError(f'{source} does not hold the config\'s '
+                          f'{run.config.model}: its tree differs')
   variables = runtime.to_global(jax.device_get(variables), run.replicated)
   return state.replace(params=variables['params'],
                        batch_stats=variables['batch_stats'])

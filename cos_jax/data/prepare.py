@@ -146,16 +146,22 @@ def _prepare_fmnist_from_files(builder, source_dir: str) -> None:
         data = restore_upstream_gzip(f.read(), filename, mtime)
       with open(os.path.join(tmp, filename), 'wb') as f:
         f.write(data)
-    config = _download_config(manual_dir=tmp,
-                              extract_dir=os.path.join(tmp, 'extracted'))
-    try:
-      builder.download_and_prepare(download_config=config)
-    except Exception as e:  # pylint: disable=broad-except
-      raise DatasetUnavailableError(_one_line(
-          f'Fashion-MNIST files in {source_dir} could not be prepared '
-          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-          f'pass {FMNIST_DIR_ENV}=<folder with the four original IDX .gz files> '
-          '(e.g. from `apt-get install dataset-fashion-mnist`)')) from e
+    _prepare_or_fail(
+        builder, _download_config(manual_dir=tmp,
+                                  extract_dir=os.path.join(tmp, 'extracted')),
+        f'Fashion-MNIST files in {source_dir}',
+        f'pass {FMNIST_DIR_ENV}=<folder with the four original IDX .gz files> '
+        '(e.g. from `apt-get install dataset-fashion-mnist`)')
+
+
+def _prepare_or_fail(builder, config, what: str, fix: str) -> None:
+  """builder.download_and_prepare, or one line: what failed, how to fix it."""
+  try:
+    builder.download_and_prepare(download_config=config)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetUnavailableError(_one_line(
+        f'{what} could not be prepared ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}); {fix}')) from e
 
 
 def _manual_dir(data_dir_root: str) -> str:
@@ -172,15 +178,11 @@ def _prepare_cifar10_offline(builder, data_dir_root: str) -> None:
         f'cifar10_offline is not prepared in {data_dir_root} and its source '
         f'({cifar10_offline.SDIST_NAME} or task.json) is not in {manual_dir}: '
         f'run `TFDS_DATA_DIR={data_dir_root} make cifar10-offline`')
-  try:
-    builder.download_and_prepare(
-        download_config=_download_config(manual_dir=manual_dir))
-  except Exception as e:  # pylint: disable=broad-except
-    raise DatasetUnavailableError(_one_line(
-        f'cifar10_offline could not be prepared from {source} '
-        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-        f'delete {source} and run `TFDS_DATA_DIR={data_dir_root} make '
-        'cifar10-offline`')) from e
+  _prepare_or_fail(
+      builder, _download_config(manual_dir=manual_dir),
+      f'cifar10_offline from {source}',
+      f'delete {source} and run `TFDS_DATA_DIR={data_dir_root} make '
+      'cifar10-offline`')
 
 
 def _unavailable_message(name: str, data_dir: str) -> str:
