@@ -10,8 +10,10 @@ T steps with the ANN's desired count ``a·T/θ`` (eq. 8), two ways:
   isolates the error the layer adds itself.
 
 All statistics are sums over the batch (histogram counts, numbers of exact
-neurons, Σψ², spikes), so per-batch results add up across a dataset and
-:func:`finalize` turns them into fractions.
+neurons, spikes) or per example (Σψ², summed on the host in float64), so
+per-batch results add up across a dataset, to the same totals however the
+batches were split over devices and processes, and :func:`finalize` turns
+them into fractions.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cos_jax import methods, neuron, snn
+from cos_jax import methods, neuron, runtime, snn
 from cos_jax.settings import Calibration
 
 PyTree = Any
@@ -58,7 +60,8 @@ def _psi_stats(psi: jax.Array, weights: jax.Array,
       (bins + MAX_OFFSET).ravel()].add(weights.ravel())
   return {'histogram': histogram,
           'exact': jnp.sum((jnp.abs(psi) < tolerance) * weights),
-          'squared_error': jnp.sum(weights * psi.astype(jnp.float32) ** 2)}
+          'squared_error': jnp.sum(weights * psi.astype(jnp.float32) ** 2,
+                                   axis=tuple(range(1, psi.ndim)))}
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'T', 'method',
@@ -92,7 +95,8 @@ def statistics(model, variables, images, mask, key, *, T: int, method: str,
         'constrained': _psi_stats(
             neuron.offset_spikes(constrained_a, count, theta, T), weights,
             tolerance),
-        'spikes': jnp.sum(count * weights),
+        # Integer sums: exact whatever the batch and device layout.
+        'spikes': jnp.sum(jnp.round(count).astype(jnp.int32) * weights),
         'neurons': jnp.sum(weights),
     }
   return out, run.outputs
@@ -118,7 +122,9 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
   Returns:
     ``(stats, outputs)``: ``stats[layer]`` has ``'plain'`` and ``'constrained'``
     dicts of ``histogram`` (counts of round(ψ) over ``OFFSET_BINS``, clipped),
-    ``exact`` (neurons with ψ = 0) and ``squared_error`` (Σψ²), plus
+    ``exact`` (neurons with ψ = 0) and ``squared_error`` (Σψ² per example,
+    ``[B]``: :func:`accumulate` sums it in float64, so a total does not
+    depend on how batches are split over devices or processes), plus
     ``spikes`` and ``neurons`` (for firing rates); ``outputs`` is the
     ``[T, B, C]`` SNN output of the same run.
   """
@@ -131,8 +137,13 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
 
 
 def accumulate(total: dict | None, stats: dict) -> dict:
-  """Adds one batch's statistics into a running total (NumPy, on host)."""
-  stats = jax.tree.map(np.asarray, stats)
+  """Adds one batch's statistics into a running total (NumPy, on host; with
+  several processes every process must call it, as it gathers the rows)."""
+  stats = runtime.to_host(stats)
+  for layer in stats.values():
+    for kind in ('plain', 'constrained'):
+      layer[kind]['squared_error'] = np.sum(layer[kind]['squared_error'],
+                                            dtype=np.float64)
   if total is None:
     return stats
   return jax.tree.map(np.add, total, stats)

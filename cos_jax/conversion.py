@@ -168,6 +168,12 @@ def _snn_correct(model, variables, images, labels, mask, key, onehots, *,
   return correct_per_step(run.outputs, labels, mask), counts
 
 
+@jax.jit
+def _batch_facts(images, mask):
+  """(whether every image is finite, real rows): the whole global batch's."""
+  return jnp.all(jnp.isfinite(images)), jnp.sum(mask).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=('model',))
 def ann_correct(model, variables, images, labels, mask):
   """Correct ANN predictions among the rows with ``mask`` = 1 (int32)."""
@@ -183,8 +189,11 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
 
   Args:
     model, variables: a zoo model and its ``{'params', 'batch_stats'}``.
-    batches: iterable of ``{'image': [b, H, W, C], 'label': [b]}``; each batch
-      is padded (and masked) to a multiple of the mesh size only.
+    batches: this process's rows of each batch, ``{'image': [b, H, W, C],
+      'label': [b]}``; each is padded (and masked) to a multiple of its
+      devices only. With several processes, every one must yield as many
+      batches, with a ``'mask'`` ([b] 0/1) and the same b
+      (:func:`cos_jax.runtime.aligned_batches`).
     settings: see :class:`ConversionSettings`.
     mesh: 1-D mesh with axis 'data' (default: all devices).
     progress: optional tqdm-like object with ``update(n)``.
@@ -202,8 +211,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   """
   mesh = mesh or runtime.make_mesh()
   replicated, batch_sharding = runtime.shardings(mesh)
-  variables = jax.device_put(
-      {k: variables[k] for k in ('params', 'batch_stats')}, replicated)
+  variables = runtime.to_global(runtime.to_host(
+      {k: variables[k] for k in ('params', 'batch_stats')}), replicated)
   analysis_T = settings.analysis_T or model.levels
   # Offset spikes in the theorems' setting ρ = T = L (paper Fig. 3, Table 3),
   # before and after COS: the probe spans the analysis window, whatever ρ the
@@ -226,31 +235,35 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     seconds[name] += time.perf_counter() - start
     return out
 
+  local_devices = mesh.local_mesh.size
   for batch in batches:
-    n = len(batch['label'])
-    if not np.all(np.isfinite(batch['image'])):
+    if 'mask' not in batch:
+      n = len(batch['label'])
+      batch = runtime.pad_batch(batch, -(-n // local_devices) * local_devices)
+    batch = runtime.to_global(batch, batch_sharding)
+    images, labels, mask = batch['image'], batch['label'], batch['mask']
+    finite, n = (runtime.to_host(x) for x in _batch_facts(images, mask))
+    n = int(n)
+    if not finite:
       raise data.DatasetUnavailableError(
           f'images {examples}..{examples + n - 1} of the split hold non-finite '
           'values: the dataset is damaged; prepare it again')
-    batch = runtime.to_global(
-        runtime.pad_batch(batch, -(-n // mesh.size) * mesh.size),
-        batch_sharding)
-    images, labels, mask = batch['image'], batch['label'], batch['mask']
     if settings.cost_model and network is None:
       network, onehots = timed('cost', lambda: _cost_network(
           model, variables, images.shape[1:], len(mask), replicated))
     key, batch_key = jax.random.split(key)
-    ann_hits += int(timed('ann', lambda: ann_correct(
-        model, variables, images, labels, mask)))
+    ann_hits += int(runtime.to_host(timed('ann', lambda: ann_correct(
+        model, variables, images, labels, mask))))
     for name in settings.methods:
       hits, counts = timed(name, lambda name=name: _snn_correct(
           model, variables, images, labels, mask, batch_key, onehots,
           method=name, T=settings.time_steps(name),
           calibration=settings.calibration_of(name),
           time_chunk=settings.time_chunk))
-      correct[name] += np.asarray(hits)
+      correct[name] += runtime.to_host(hits)
       if counts:
-        spike_totals[name] = cost.accumulate(spike_totals[name], counts)
+        spike_totals[name] = cost.accumulate(spike_totals[name],
+                                             runtime.to_host(counts))
     for when, (name, calibration) in analysed.items():
       stats, _ = timed('analysis', lambda: analysis.statistics(
           model, variables, images, mask, None, T=analysis_T, method=name,
@@ -283,6 +296,6 @@ def _cost_network(model, variables, image_shape, batch, replicated):
   """The network's cost structure and its fan-out classes on the devices."""
   network = cost.analyse(model, variables, image_shape)
   cost.check_batch(network, batch)
-  onehots = {layer: jax.device_put(onehot, replicated) for layer, (onehot, _)
-             in cost.fanout_classes(network).items()}
+  onehots = {layer: runtime.to_global(onehot, replicated)
+             for layer, (onehot, _) in cost.fanout_classes(network).items()}
   return network, onehots

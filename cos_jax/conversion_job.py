@@ -8,11 +8,13 @@ progress bar, prints the tables and writes the files of ``cos_jax.report``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
 
 import jax
+import numpy as np
 import tqdm
 
 from cos_jax import checkpoints, conversion, data, interop, report, runtime
@@ -42,12 +44,15 @@ def output_dir(config) -> str:
   return path
 
 
-def _batches(config, dataset: str, split: str, batch_size: int):
-  """The split's batches, with the first one read (errors surface here)."""
+def _batches(config, dataset: str, split: str, rows: int, image_shape):
+  """This process's rows of the split's batches (:func:`runtime.aligned_batches`:
+  ``rows`` each, padded and masked), the first one read (errors surface
+  here)."""
   try:
     batches = pipeline.make_dataset(
-        dataset, split, batch_size=batch_size, train=False,
-        data_dir=config.data_dir, num_examples=config.num_examples)
+        dataset, split, batch_size=rows, train=False,
+        data_dir=config.data_dir, num_examples=config.num_examples,
+        interleaved=True)
     first = next(batches, None)
   except data.DatasetUnavailableError:
     raise
@@ -55,10 +60,13 @@ def _batches(config, dataset: str, split: str, batch_size: int):
     raise SettingsError('split', f'{split!r} cannot be read from {dataset} '
                         f'({str(e).splitlines()[0] if str(e) else repr(e)})'
                         ) from None
-  if first is None:
+  if not runtime.any_process(first is not None):
     raise SettingsError('split', f'{split!r} of {dataset} is empty: check '
                         '--split and --num_examples')
-  return itertools.chain([first], batches)
+  empty = {'image': np.zeros((0, *image_shape), np.float32),
+           'label': np.zeros(0, np.int32)}
+  return runtime.aligned_batches(
+      itertools.chain([] if first is None else [first], batches), rows, empty)
 
 
 def convert(config) -> dict:
@@ -83,20 +91,26 @@ def convert(config) -> dict:
   total = spec.split_sizes.get(split)
   if config.num_examples:
     total = min(total or config.num_examples, config.num_examples)
-  devices = jax.device_count()
-  # Batches are padded to a device multiple only: a batch size above the
-  # split's size costs nothing.
+  devices, processes = jax.device_count(), jax.process_count()
+  # Every batch (the last one too: one compiled shape) is padded to the batch
+  # size rounded up to a device multiple; a batch size above the split's size
+  # costs nothing. Each process holds its rows of it.
   batch_size = min(config.batch_size, total or config.batch_size)
+  rows = -(-batch_size // devices) * devices // processes
   analysis_T = settings.analysis_T or model.levels
   conversion.check_memory(model, restored.variables, spec.image_shape,
-                          settings, -(-batch_size // devices) * devices,
-                          analysis_T)
-  with runtime.exclusive_lock(_lock_path(out), f'--output_dir {out}'):
-    batches = _batches(config, train_config.dataset, split, batch_size)
+                          settings, rows, analysis_T)
+  lead = jax.process_index() == 0  # only process 0 prints, locks and writes
+  with (runtime.exclusive_lock(_lock_path(out), f'--output_dir {out}') if lead
+        else contextlib.nullcontext()):
+    batches = _batches(config, train_config.dataset, split, rows,
+                       spec.image_shape)
     calibration = settings.calibration
-    print(f'Converting {source(config)} ({train_config.model}, '
+    say = print if lead else lambda *args, **kwargs: None
+    say(f'Converting {source(config)} ({train_config.model}, '
           f'L={train_config.levels}, {train_config.dataset}:{split}) on '
-          f'{devices} {jax.devices()[0].platform} device(s): '
+          f'{devices} {jax.devices()[0].platform} device(s) in {processes} '
+          f'process(es): '
           f'rho={calibration.rho}, T<={settings.T}, '
           f'iterations={calibration.iterations}, '
           f'schedule={calibration.schedule}, '
@@ -105,19 +119,19 @@ def convert(config) -> dict:
           'time-steps per image', flush=True)
     start = time.time()
     with tqdm.tqdm(total=total, unit='img', desc='convert',
-                   dynamic_ncols=True) as bar:
+                   dynamic_ncols=True, disable=not lead) as bar:
       result = conversion.convert_and_evaluate(
           model, restored.variables, batches, settings, progress=bar)
     wall = time.time() - start
-    print()
-    print(report.format_table(*report.summary_rows(result, settings)))
-    print()
-    print(report.format_layers(result))
+    say()
+    say(report.format_table(*report.summary_rows(result, settings)))
+    say()
+    say(report.format_layers(result))
     if 'cost' in result:
-      print()
-      print(report.format_costs(result, settings))
-      print()
-      print(report.format_cost_layers(result, settings))
+      say()
+      say(report.format_costs(result, settings))
+      say()
+      say(report.format_cost_layers(result, settings))
     meta = {'source': os.path.abspath(source(config)),
             'workdir': (None if config.torch_checkpoint
                         else os.path.abspath(config.workdir)),
@@ -127,8 +141,11 @@ def convert(config) -> dict:
             'checkpoint_verified': restored.verified,
             'model': train_config.model, 'levels': train_config.levels,
             'dataset': train_config.dataset, 'split': split,
-            'devices': devices, 'platform': jax.devices()[0].platform,
+            'devices': devices, 'processes': processes,
+            'platform': jax.devices()[0].platform,
             'wall_seconds': wall, 'config': config.to_dict()}
+    if not lead:
+      return {**meta, **result}
     written = report.write_results(out, result, settings, meta)
   print(f'\n{result["examples"]} examples in {wall:.0f} s; wrote '
         f'{", ".join(os.path.basename(p) for p in written)} to {out}')

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -71,10 +72,10 @@ def use_all_host_cores(count: int = 0) -> int | None:
 
 
 def memory_budget() -> int | None:
-  """Bytes the devices may hold in all: the accelerators' limits summed, or,
-  on a CPU host (whose devices share its RAM), the memory available now.
-  None where it cannot be known."""
-  devices = jax.devices()
+  """Bytes this process's devices may hold in all: the accelerators' limits
+  summed, or, on a CPU host (whose devices share its RAM), the memory
+  available now. None where it cannot be known."""
+  devices = jax.local_devices()
   if devices[0].platform != 'cpu':
     limits = [(d.memory_stats() or {}).get('bytes_limit') for d in devices]
     return sum(limits) if all(limits) else None
@@ -95,18 +96,43 @@ def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
 def to_host(tree):
   """Host (NumPy) copies of a tree of arrays, in any process.
 
-  ``jax.device_get`` needs every shard on this process; with several
+  ``jax.device_get`` needs every shard on this process. With several
   processes a replicated global array has only some here, and any one of them
-  is the whole value. (Batch-sharded arrays must be gathered first.)
+  is the whole value; a sharded one is gathered from all processes, so every
+  process must then call this in the same order (it is a collective).
   """
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      if not x.sharding.is_fully_replicated:
-        raise ValueError('to_host takes replicated arrays across processes; '
-                         f'got sharding {x.sharding}')
-      return np.asarray(x.addressable_data(0))
+      if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
   return jax.tree.map(one, tree)
+
+
+def aligned_batches(batches: Iterable[dict], rows: int,
+                    empty: dict[str, np.ndarray]) -> Iterator[dict]:
+  """This process's ``batches``, each padded to ``rows`` rows with a 0/1
+  'mask' (:func:`pad_batch`), continued with fully masked copies of ``empty``
+  (arrays with 0 rows) until every process's stream has ended.
+
+  With several processes, streams of unequal length (a split that does not
+  divide by the process count) would leave some processes waiting in a
+  collective; one all-gather of a flag per batch keeps them in step.
+  """
+  batches = iter(batches)
+  while True:
+    batch = next(batches, None)
+    if not any_process(batch is not None):
+      return
+    yield pad_batch(empty if batch is None else batch, rows)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether ``flag`` holds in any process (a collective with several)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:

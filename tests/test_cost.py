@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import conversion, cost, report, runtime, snn
+from cos_jax import conversion, cost, fanout, report, runtime, snn
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.models.common import QCFSNet
 from cos_jax.settings import Calibration, SettingsError
@@ -72,7 +72,7 @@ def test_toy_fanout_and_sops_by_hand(toy):
   np.testing.assert_array_equal(network.fanout['Activation_0'], first)
   np.testing.assert_array_equal(network.fanout['Activation_1'], second)
   assert network.targets == {'Activation_0': ('Activation_1',),
-                             'Activation_1': (cost.OUTPUT,)}
+                             'Activation_1': (fanout.OUTPUT,)}
   assert network.input_macs == 7 * 5 * 4 * 2
   assert network.ann_macs == {'Conv_0': 280, 'Conv_1': 4 * 3 * 6 * 9 * 4,
                               'Dense_0': 72 * 10}
@@ -90,8 +90,8 @@ def test_toy_fanout_and_sops_by_hand(toy):
   summary = cost.summarize(network, {'half': cost.accumulate(None, counts)},
                            {'half': (steps, None)}, examples=3,
                            model=cost.COST_MODELS['45nm'])
-  for layer, fanout in (('Activation_0', first), ('Activation_1', second)):
-    per_step = np.einsum('tbhwc,b,hw->t', spikes[layer], mask, fanout)
+  for layer, synapses in (('Activation_0', first), ('Activation_1', second)):
+    per_step = np.einsum('tbhwc,b,hw->t', spikes[layer], mask, synapses)
     np.testing.assert_allclose(summary['methods']['half']['layers'][layer][
         'sops'], np.cumsum(per_step) / 3)
     rate = np.cumsum(np.einsum('tbhwc,b->t', spikes[layer], mask)) / (

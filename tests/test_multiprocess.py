@@ -62,6 +62,29 @@ def test_calibrate_and_simulate_on_two_processes_equal_one(tmp_path):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_convert_on_two_processes_equals_one(tmp_path):
+  """70 test images in global batches of 32: the last batch's 6 images are
+  all among process 0's rows, so process 1 runs it on padding alone; every
+  image is counted once and results.json equals the one-process run's."""
+  flags = ['--num_examples=70', '--batch_size=32', '--T=4', '--rho=4',
+           '--init=cos,random']
+  result = _single('convert.py', *flags, f'--output_dir={tmp_path / "one"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = _launch('convert.py', *flags, f'--output_dir={tmp_path / "two"}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'examples in' in result.stdout  # process 0's report, once
+  assert result.stdout.count('Converting ') == 1
+  varying = ('seconds', 'wall_seconds', 'config', 'processes')
+  one, two = (
+      {k: v for k, v in json.loads(Path(tmp_path, d, 'results.json')
+                                   .read_text()).items() if k not in varying}
+      for d in ('one', 'two'))
+  assert one['examples'] == two['examples'] == 70
+  assert one == two
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      '.one.lock', '.two.lock', 'one', 'two']
+
+
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('mp') / 'two'

@@ -206,7 +206,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
                  num_examples: Optional[int] = None, epoch: int = 0,
                  shard_index: Optional[int] = None,
                  num_shards: Optional[int] = None,
-                 drop_remainder: Optional[bool] = None) -> Iterator[dict]:
+                 drop_remainder: Optional[bool] = None,
+                 interleaved: bool = False) -> Iterator[dict]:
   """Iterates over one epoch of this host's shard of `split`, in batches.
 
   Args:
@@ -222,6 +223,10 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
     shard_index, num_shards: this host's shard; default jax.process_index() and
       jax.process_count(). Train shards have equal size (remainder dropped).
     drop_remainder: drop a last partial batch; default True iff train.
+    interleaved: (evaluation only) instead of a contiguous piece, this shard
+      takes its ``batch_size`` rows of every global batch of ``num_shards *
+      batch_size`` consecutive examples, so that the global batches are the
+      ones a single process reads; ``num_examples`` then caps the split.
 
   Yields:
     {'image': float32 [B, H, W, C] normalised, 'label': int32 [B]}.
@@ -230,6 +235,9 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
     DatasetUnavailableError: the dataset can't be prepared here.
   """
   shard_index, num_shards = _resolve_shards(shard_index, num_shards)
+  if interleaved and train:
+    raise ValueError('interleaved shards are for evaluation (train=False)')
+  interleaved = interleaved and num_shards > 1
   drop_remainder = train if drop_remainder is None else drop_remainder
   family = dataset_info(name).preprocessing
   configure()
@@ -239,7 +247,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
   # With num_examples the subset must be the same every epoch: no file shuffle.
   shuffle_files = train and num_examples is None
   ds = builder.as_dataset(
-      split=_shard_split(split, shard_index, num_shards, train),
+      split=(split if interleaved
+             else _shard_split(split, shard_index, num_shards, train)),
       shuffle_files=shuffle_files,
       decoders=({'image': tfds.decode.SkipDecoding()}
                 if family == 'imagenet2012' else None),
@@ -248,6 +257,10 @@ def make_dataset(name: str, split: str, *, batch_size: int, train: bool,
   ds = ds.map(lambda ex: (ex['image'], ex['label']))  # Drops other features.
   if num_examples is not None:
     ds = ds.take(num_examples)
+  if interleaved:  # before preprocessing (and ImageNet's JPEG decoding)
+    ds = ds.enumerate().filter(
+        lambda i, _: (i // batch_size) % num_shards == shard_index).map(
+            lambda _, example: example)
   if train:
     buffer = min(_SHUFFLE_BUFFER[family],
                  num_examples or _SHUFFLE_BUFFER[family])
