@@ -9,7 +9,13 @@ From `paper_config('cifar10', 'resnet20')` (SGD momentum 0.9, cosine, wd 5e-4
 on every parameter, λ init 8, L = 4) only the length changes, for a 2-core
 CPU: 150 epochs instead of 300, batch 64 instead of 128 (more steps on a
 small training set), learning rate 0.05 instead of 0.1 (scaled with the
-batch). This is the recipe of pretrained/cifar10_resnet20 (README).
+batch).
+
+pretrained/cifar10_resnet20 was trained in two cosine cycles (README,
+"CIFAR-10"): this config stopped after 37 epochs (the first run was cut
+there; `--config.stop_after_steps=4625` reproduces it), then a second cycle
+of 45 epochs from its best checkpoint, `--config.init_from_workdir=<the first
+workdir> --config.epochs=45 --config.learning_rate=0.04`.
 """
 
 from configs import paper

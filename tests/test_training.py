@@ -425,3 +425,33 @@ def test_load_checkpoint(tmp_path, reference_run):
   with pytest.raises(checkpoints.CheckpointError, match='corrupted') as e:
     checkpoints.load_checkpoint(str(broken), which='best')
   assert '\n' not in str(e.value)
+
+
+def test_a_new_run_starts_from_another_workdirs_best(tmp_path, reference_run):
+  """init_from_workdir: the new run's first state holds the other run's best
+  variables (not a fresh init), and the optimizer and step start at 0."""
+  config = checkpoints.read_config(str(reference_run))
+  config.init_from_workdir = str(reference_run)
+  run = training.prepare(config, str(tmp_path / 'second'))
+  manager = checkpoints.Manager(str(tmp_path / 'ckpt'), max_to_keep=1,
+                                create=True)
+  state, sums = training.restore_or_init(run, manager)
+  manager.close()
+  best = checkpoints.restore(str(reference_run), which='best').variables
+  assert sums is None and int(jax.device_get(state.step)) == 0
+  jax.tree.map(np.testing.assert_array_equal,
+               {'params': state.params, 'batch_stats': state.batch_stats},
+               jax.device_get(best))
+  fresh = run.init_state()
+  assert max_abs_diff(jax.device_get(fresh.params),
+                      jax.device_get(best['params'])) > 0
+
+
+def test_init_from_workdir_is_checked(tmp_path):
+  config = load_config('default')
+  config.init_from_workdir = str(tmp_path)  # no config.json there
+  with pytest.raises(train_config.ConfigError, match='not a train.py workdir'):
+    train_config.validate_config(config)
+  config.init_from_torch = str(Path(__file__))
+  with pytest.raises(train_config.ConfigError, match='both set'):
+    train_config.validate_config(config)
