@@ -11,6 +11,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from cos_jax import settings
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,13 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Calibration (cos_jax.Calibration): probe steps ρ, probe/shift rounds,
   # 'layerwise' (the paper) or 'global' (network-wide), Theorem-2 ε as a
   # fraction of the threshold, and what happens to a neuron that fired at
-  # every probe step and still wants more spikes: 'keep' it or make it 'fire'
-  # at every later step (the PyTorch reference's behaviour).
+  # every probe step and still wants more spikes: make it 'fire' at every
+  # later step (the PyTorch reference's behaviour, the default) or 'keep' it
+  # (docs/semantics.md has both measured).
   config.rho = 8
   config.iterations = 1
   config.schedule = 'layerwise'
   config.epsilon = 1e-3
-  config.saturated = 'keep'
+  config.saturated = settings.DEFAULT_SATURATED
 
   # Simulation: accuracy is reported at T = 1, 2, 4, ... up to T for each v0
   # method in `init` (comma-separated: cos, half, lightweight, zero, random);

@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from cos_jax import methods, neuron, runtime, snn
-from cos_jax.settings import Calibration
+from cos_jax.settings import DEFAULT_SATURATED, Calibration
 
 PyTree = Any
 # Histograms cover ψ in [-MAX_OFFSET, MAX_OFFSET]; larger |ψ| land on the ends.
@@ -106,7 +106,7 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
                      *, T: int, init: str = 'cos', rho: int | None = None,
                      iterations: int = 1, schedule: str = 'layerwise',
                      epsilon: float = neuron.DEFAULT_EPSILON,
-                     saturated: str = 'keep',
+                     saturated: str = DEFAULT_SATURATED,
                      key: jax.Array | None = None,
                      mask: jax.Array | None = None):
   """Per-layer offset-spike statistics of one batch (sums over the batch).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cos_jax import neuron
-from cos_jax.settings import Calibration, SettingsError
+from cos_jax.settings import DEFAULT_SATURATED, Calibration, SettingsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ def get(name: str) -> Method:
 
 def calibration_for(name: str, rho: int | None, iterations: int,
                     schedule: str, epsilon: float,
-                    saturated: str = 'keep') -> Calibration | None:
+                    saturated: str = DEFAULT_SATURATED) -> Calibration | None:
   """The validated Calibration of method ``name`` (None if it takes none)."""
   if get(name).calibrated:
     return Calibration(rho, iterations, schedule, epsilon, saturated)

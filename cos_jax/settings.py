@@ -19,6 +19,7 @@ SCHEDULES = ('layerwise', 'global')
 # What calibration does with a neuron that fired at every probe step and still
 # wants more spikes: 'keep' it, or make it 'fire' at every later step
 # (neuron.shift_v0; docs/semantics.md has the measurements behind the default).
+DEFAULT_SATURATED = 'fire'  # measured on ResNet-20, docs/semantics.md
 SATURATED_RULES = ('keep', 'fire')
 # Long simulations run in chunks of this many time-steps, carrying every IF
 # layer's membrane potential from one chunk to the next: a linear layer then
@@ -60,14 +61,14 @@ class Calibration:
       ρ steps, every layer shifts at once; repeated ``iterations`` times).
     epsilon: Theorem-2 margin ε as a fraction of θ, in (0, 1).
     saturated: the rule for a neuron that fired at every probe step and still
-      wants more spikes: 'keep' or 'fire' (at every later step, as the
-      PyTorch reference does).
+      wants more spikes: 'fire' (at every later step, as the PyTorch
+      reference does; the default) or 'keep' (docs/semantics.md).
   """
   rho: int
   iterations: int = 1
   schedule: str = 'layerwise'
   epsilon: float = DEFAULT_EPSILON
-  saturated: str = 'keep'
+  saturated: str = DEFAULT_SATURATED
 
   def __post_init__(self):
     check_positive_int('rho', self.rho)

@@ -23,8 +23,9 @@ from flax import traverse_util
 
 from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
-from cos_jax.settings import (DEFAULT_TIME_CHUNK, Calibration,
-                              check_positive_int, check_time_chunk)
+from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
+                              Calibration, check_positive_int,
+                              check_time_chunk)
 
 PyTree = Any
 
@@ -199,7 +200,7 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
               v0: PyTree | None = None, *, rho: int, iterations: int = 1,
               schedule: str = 'layerwise',
               epsilon: float = neuron.DEFAULT_EPSILON,
-              saturated: str = 'keep') -> PyTree:
+              saturated: str = DEFAULT_SATURATED) -> PyTree:
   """COS: per-sample initial potentials calibrated from a ρ-step probe.
 
   ``layerwise`` (paper Algorithm 1): layer l is probed on the first ρ outputs
@@ -215,7 +216,7 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
     iterations: probe/shift rounds (≥ 1).
     schedule: 'layerwise' or 'global'.
     epsilon: Theorem-2 ε as a fraction of θ, in (0, 1).
-    saturated: 'keep' or 'fire': what happens to a neuron that fired at
+    saturated: 'fire' or 'keep': what happens to a neuron that fired at
       every probe step and still wants more (``cos_jax.shift_v0``).
 
   Returns:
@@ -362,7 +363,7 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
                  T: int, init: str = 'cos', rho: int | None = None,
                  iterations: int = 1, schedule: str = 'layerwise',
                  epsilon: float = neuron.DEFAULT_EPSILON,
-                 saturated: str = 'keep',
+                 saturated: str = DEFAULT_SATURATED,
                  key: jax.Array | None = None,
                  record_steps: int = 0,
                  time_chunk: int | None = DEFAULT_TIME_CHUNK) -> SNNRun:
