@@ -16,6 +16,8 @@ TINY_TRAIN = {'num_train_examples': 192, 'num_test_examples': 100,
               'batch_size': 32, 'eval_batch_size': 40, 'epochs': 2,
               'checkpoint_every_steps': 4, 'log_every_steps': 2,
               'model_kwargs.stages': ((4,), (8,)), 'model_kwargs.hidden': 16}
+# The same run as train.py flags, for subprocess runs.
+TINY_TRAIN_FLAGS = [f'--config.{k}={v}' for k, v in TINY_TRAIN.items()]
 
 
 def run_script(script, *args, env=None, timeout=600):

@@ -16,15 +16,12 @@ import sys
 from pathlib import Path
 
 from cos_jax import checkpoints
+from cli_helpers import TINY_TRAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 # 192 train examples / batch 32 = 6 steps per epoch, 2 epochs; a checkpoint
 # every 4 steps; 100 test examples in eval batches of 40.
-TINY = ['--config.num_train_examples=192', '--config.num_test_examples=100',
-        '--config.batch_size=32', '--config.eval_batch_size=40',
-        '--config.epochs=2', '--config.model_kwargs.stages=((4,), (8,))',
-        '--config.model_kwargs.hidden=16', '--config.checkpoint_every_steps=4',
-        '--config.log_every_steps=2']
+TINY = TINY_TRAIN_FLAGS
 # Phases of cos_jax.training.end_of_epoch, in order, at the end of epoch 1
 # (step 6) and of the run (step 12), and the checkpoint inside epoch 2.
 CRASH_POINTS = [f'{phase}@6' for phase in (

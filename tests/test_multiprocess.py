@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 
 from cos_jax import checkpoints
+from cli_helpers import TINY_TRAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ['--config.num_train_examples=192', '--config.num_test_examples=100',
-        '--config.batch_size=32', '--config.eval_batch_size=40',
-        '--config.epochs=2', '--config.model_kwargs.stages=((4,), (8,))',
-        '--config.model_kwargs.hidden=16', '--config.checkpoint_every_steps=4',
-        '--config.log_every_steps=2']
+TINY = TINY_TRAIN_FLAGS
 TIMING = ('epoch_seconds', 'images_per_second')
 
 

@@ -25,6 +25,7 @@ import optax
 import pytest
 
 from cos_jax import checkpoints, data, runtime, train_config, training
+from cli_helpers import TINY_TRAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = ('cifar10_vgg16', 'cifar10_resnet18', 'cifar10_resnet20',
@@ -33,11 +34,7 @@ PAPER_CONFIGS = ('cifar10_vgg16', 'cifar10_resnet18', 'cifar10_resnet20',
 
 # A tiny run on real Fashion-MNIST: 192 train examples / batch 32 = 6 steps per
 # epoch, 2 epochs; 100 test examples in eval batches of 40 (last one padded).
-TINY = ['--config.num_train_examples=192', '--config.num_test_examples=100',
-        '--config.batch_size=32', '--config.eval_batch_size=40',
-        '--config.epochs=2', '--config.model_kwargs.stages=((4,), (8,))',
-        '--config.model_kwargs.hidden=16', '--config.checkpoint_every_steps=4',
-        '--config.log_every_steps=2']
+TINY = TINY_TRAIN_FLAGS
 TINY_STEPS = 12
 
 
