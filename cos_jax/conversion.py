@@ -39,6 +39,8 @@ class ConversionSettings:
     time_chunk: steps simulated at a time (None: one block).
     cost_model: a key of ``cos_jax.cost.COST_MODELS``, or None to count no
       spikes (docs/cost.md).
+    cost_examples: images whose spikes are counted, the first ones of the
+      split in whole batches (None: all of them).
   """
   calibration: Calibration
   T: int
@@ -47,6 +49,7 @@ class ConversionSettings:
   seed: int = 0
   time_chunk: int | None = None
   cost_model: str | None = cost.DEFAULT_COST_MODEL
+  cost_examples: int | None = cost.DEFAULT_COST_EXAMPLES
 
   @classmethod
   def from_config(cls, config) -> 'ConversionSettings':
@@ -72,7 +75,9 @@ class ConversionSettings:
         seed=config.seed,
         time_chunk=check_time_chunk(config.time_chunk or None),
         cost_model=_cost_model_name(config.get('cost_model',
-                                               cost.DEFAULT_COST_MODEL)))
+                                               cost.DEFAULT_COST_MODEL)),
+        cost_examples=_cost_examples(config.get('cost_examples',
+                                                cost.DEFAULT_COST_EXAMPLES)))
 
   def time_steps(self, name: str) -> int:
     """Steps simulated for ``name``: T, or T + ρ for uncalibrated methods
@@ -83,6 +88,17 @@ class ConversionSettings:
 
   def calibration_of(self, name: str) -> Calibration | None:
     return self.calibration if methods.get(name).calibrated else None
+
+
+def _cost_examples(value) -> int | None:
+  """The cost_examples setting: 0 (or None) means every image."""
+  if value is None or (isinstance(value, int) and not isinstance(value, bool)
+                       and value == 0):
+    return None
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise SettingsError('cost_examples', 'must be a positive integer, or 0 '
+                        f'to count every image, got {value!r}')
+  return value
 
 
 def _cost_model_name(name) -> str | None:
@@ -203,7 +219,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     'layers': {'before': per-layer stats, 'after': per-layer stats},
     'analysis_T', 'seconds': {...}}``, and ``'cost'``
     (``cos_jax.cost.summarize``: SOPs, energy and rates per method and t,
-    per-layer rates and SOPs) unless ``settings.cost_model`` is None.
+    per-layer rates and SOPs, over the first ``settings.cost_examples``
+    samples in whole batches) unless ``settings.cost_model`` is None.
 
   Raises:
     cos_jax.data.DatasetUnavailableError: a batch holds non-finite pixels
@@ -227,7 +244,9 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   layer_totals = dict.fromkeys(analysed)
   seconds = dict.fromkeys(('ann', *settings.methods, 'analysis', 'cost'), 0.0)
   network = onehots = None
-  spike_totals = dict.fromkeys(settings.methods)
+  # Per counted batch and method: its real rows and class counts (the totals,
+  # and the standard error over batches).
+  counted_batches = []
 
   def timed(name, fn):
     start = time.perf_counter()
@@ -254,16 +273,22 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     key, batch_key = jax.random.split(key)
     ann_hits += int(runtime.to_host(timed('ann', lambda: ann_correct(
         model, variables, images, labels, mask))))
+    counting = network is not None and (
+        settings.cost_examples is None
+        or sum(n for n, _ in counted_batches) < settings.cost_examples)
+    batch_counts = {}
     for name in settings.methods:
       hits, counts = timed(name, lambda name=name: _snn_correct(
-          model, variables, images, labels, mask, batch_key, onehots,
-          method=name, T=settings.time_steps(name),
+          model, variables, images, labels, mask, batch_key,
+          onehots if counting else None, method=name,
+          T=settings.time_steps(name),
           calibration=settings.calibration_of(name),
           time_chunk=settings.time_chunk))
       correct[name] += runtime.to_host(hits)
-      if counts:
-        spike_totals[name] = cost.accumulate(spike_totals[name],
-                                             runtime.to_host(counts))
+      if counting:
+        batch_counts[name] = runtime.to_host(counts)
+    if counting and n:
+      counted_batches.append((n, batch_counts))
     for when, (name, calibration) in analysed.items():
       stats, _ = timed('analysis', lambda: analysis.statistics(
           model, variables, images, mask, None, T=analysis_T, method=name,
@@ -276,9 +301,9 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   if not examples:
     raise ValueError('the split has no examples: check split/num_examples')
   costs = {} if network is None else {'cost': cost.summarize(
-      network, spike_totals,
+      network, counted_batches,
       {name: (settings.time_steps(name), settings.calibration_of(name))
-       for name in settings.methods}, examples,
+       for name in settings.methods},
       cost.COST_MODELS[settings.cost_model])}
   return {
       'examples': examples,

@@ -14,9 +14,10 @@ once (docs/semantics.md, "Static input"). docs/cost.md states the counting.
 * :func:`class_counts` (jit-able, on sharded batches) turns a run's per-step
   spike counts (``SpikingConfig.count_steps``) into exact int32 counts per
   step and fan-out class, padding rows left out.
-* :func:`summarize` turns the summed counts into SOPs, rates and energy per
-  method and t, as this implementation computes them and as streaming
-  hardware would deploy them.
+* :func:`summarize` turns the counts of the counted batches into SOPs, rates
+  and energy per method and t, as this implementation computes them and as
+  streaming hardware would deploy them, with the standard error over the
+  batches.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ COST_MODELS = {m.name: m for m in (
               'the QCFS line of papers'),
 )}
 DEFAULT_COST_MODEL = '45nm'
+# Images counted by default (convert.py's cost_examples): the first batches of
+# the split. Counting adds about a quarter to a CPU's SNN runs (README), while
+# the per-image cost settles within a few batches; its standard error over
+# the counted batches is reported.
+DEFAULT_COST_EXAMPLES = 2048
 
 
 def cost_model(name: str | None) -> CostModel | None:
@@ -233,14 +239,6 @@ def class_counts(intermediates: PyTree, onehots: dict[str, jax.Array],
   return out
 
 
-def accumulate(total: dict | None, counts: dict) -> dict:
-  """Adds one batch's :func:`class_counts` into a running int64 total."""
-  counts = {k: np.asarray(v, np.int64) for k, v in counts.items()}
-  if total is None:
-    return counts
-  return {k: total[k] + counts[k] for k in total}
-
-
 def run_layout(steps: int, calibration: Calibration | None
                ) -> tuple[int, int]:
   """(probe steps, main-run steps) of the spikes a method's run records for
@@ -254,25 +252,28 @@ def run_layout(steps: int, calibration: Calibration | None
   return calibration.iterations * calibration.rho, steps
 
 
-def summarize(network: Network, totals: dict[str, dict],
+def summarize(network: Network, batches: list[tuple[int, dict]],
               runs: dict[str, tuple[int, Calibration | None]],
-              examples: int, model: CostModel) -> dict:
+              model: CostModel) -> dict:
   """Per-sample SOPs, energy, rates and latency per method and t.
 
   Args:
     network: :func:`analyse`'s result.
-    totals: per method, the summed :func:`class_counts` of its runs.
+    batches: per counted batch, (its real samples, {method: its
+      :func:`class_counts` on the host}).
     runs: per method, (its longest t, its Calibration or None).
-    examples: samples counted.
     model: the energy figures.
 
   Returns:
-    A JSON-ready dict (lists index t = 1, 2, ...); see docs/cost.md.
+    A JSON-ready dict (lists index t = 1, 2, ...); see docs/cost.md. Each
+    method's ``'sops_stderr'`` is the standard error of its SOPs per sample
+    over the counted batches (a ratio estimator's; None from one batch).
   """
+  examples = sum(n for n, _ in batches)
   ann_pj = model.mac_pj * sum(network.ann_macs.values())
   input_pj = model.mac_pj * network.input_macs
-  values = {k: v for k, (_, v) in fanout_classes(network).items()}
   out = {'cost_model': dataclasses.asdict(model),
+         'examples': examples, 'batches': len(batches),
          'ann': {'macs': sum(network.ann_macs.values()), 'energy_pj': ann_pj,
                  'layers': dict(network.ann_macs)},
          'input_macs': network.input_macs, 'depth': network.depth,
@@ -281,34 +282,23 @@ def summarize(network: Network, totals: dict[str, dict],
                            'targets': list(network.targets[n])}
                        for n in network.layers},
          'methods': {}}
+  energy = lambda s: input_pj + model.ac_pj * s
+  neurons = sum(network.neurons.values())
   for name, (steps, calibration) in runs.items():
-    probe, main = run_layout(steps, calibration)
+    totals = {layer: sum(np.asarray(counts[name][layer], np.int64)
+                         for _, counts in batches)
+              for layer in network.layers}
+    as_run, deployed, layers = _per_sample(network, totals, steps,
+                                           calibration, examples)
+    per_batch = [_per_sample(network, counts[name], steps, calibration, n)[0]
+                 for n, counts in batches]
     t = np.arange(1, steps + 1)
+    probe = run_layout(steps, calibration)[0]
     layerwise = calibration is not None and probe == 0
-    emitted = np.maximum(t, calibration.rho) if layerwise else t
-    as_run = np.zeros(steps)
-    deployed = np.zeros(steps)
-    layers, probe_sops = {}, 0
-    for layer in network.layers:
-      counts = totals[name][layer]
-      assert len(counts) == probe + main, (layer, counts.shape, probe, main)
-      sops = counts @ values[layer]
-      cumulative = np.cumsum(sops[probe:]) / examples
-      spikes = np.cumsum(counts[probe:].sum(1)) / examples
-      probe_sops += sops[:probe].sum() / examples
-      as_run += cumulative[emitted - 1]
-      last = network.targets[layer] == (fanout.OUTPUT,)  # emits t steps, not ρ
-      deployed += cumulative[(t if last else emitted) - 1]
-      layers[layer] = {
-          'rate': (spikes[:steps] / (network.neurons[layer] * t)).tolist(),
-          'sops': cumulative[:steps].tolist(),
-          'probe_sops': float(sops[:probe].sum() / examples)}
-    as_run += probe_sops
-    deployed += probe_sops
-    energy = lambda s: input_pj + model.ac_pj * s
-    neurons = sum(network.neurons.values())
     out['methods'][name] = {
         'sops': as_run.tolist(),
+        'sops_stderr': _standard_error([n for n, _ in batches], per_batch,
+                                       as_run),
         'energy_pj': energy(as_run).tolist(),
         'relative_energy': (energy(as_run) / ann_pj).tolist(),
         'deployment': {
@@ -325,3 +315,45 @@ def summarize(network: Network, totals: dict[str, dict],
                                      * neurons if layerwise else 0)},
         'layers': layers}
   return out
+
+
+def _per_sample(network: Network, counts: dict[str, np.ndarray], steps: int,
+                calibration: Calibration | None, examples: int):
+  """(SOPs per sample as run [steps], as deployed [steps], per-layer rates
+  and SOPs) from summed class counts ``{layer: [probe + main, K]}``."""
+  probe, main = run_layout(steps, calibration)
+  values = {k: v for k, (_, v) in fanout_classes(network).items()}
+  t = np.arange(1, steps + 1)
+  layerwise = calibration is not None and probe == 0
+  emitted = np.maximum(t, calibration.rho) if layerwise else t
+  as_run, deployed = np.zeros(steps), np.zeros(steps)
+  layers, probe_sops = {}, 0
+  for layer in network.layers:
+    layer_counts = np.asarray(counts[layer], np.int64)
+    assert len(layer_counts) == probe + main, (layer, layer_counts.shape,
+                                               probe, main)
+    sops = layer_counts @ values[layer]
+    cumulative = np.cumsum(sops[probe:]) / examples
+    spikes = np.cumsum(layer_counts[probe:].sum(1)) / examples
+    probe_sops += sops[:probe].sum() / examples
+    as_run += cumulative[emitted - 1]
+    last = network.targets[layer] == (fanout.OUTPUT,)  # emits t steps, not ρ
+    deployed += cumulative[(t if last else emitted) - 1]
+    layers[layer] = {
+        'rate': (spikes[:steps] / (network.neurons[layer] * t)).tolist(),
+        'sops': cumulative[:steps].tolist(),
+        'probe_sops': float(sops[:probe].sum() / examples)}
+  return as_run + probe_sops, deployed + probe_sops, layers
+
+
+def _standard_error(sizes: list[int], means: list[np.ndarray],
+                    mean: np.ndarray) -> list[float] | None:
+  """Standard error of a mean per sample estimated from batches of
+  ``sizes`` samples with per-sample ``means`` (ratio estimator, batches as
+  the sampled units); None from a single batch."""
+  if len(sizes) < 2:
+    return None
+  sizes = np.asarray(sizes, np.float64)[:, None]
+  spread = np.sum((sizes * (np.stack(means) - mean)) ** 2, axis=0)
+  k = len(sizes)
+  return (np.sqrt(spread * k / (k - 1)) / sizes.sum()).tolist()

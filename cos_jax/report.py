@@ -139,7 +139,8 @@ def format_costs(result: dict, settings: ConversionSettings) -> str:
          f'ANN {cost["ann"]["macs"] / 1e6:.3f} M MACs = '
          f'{cost["ann"]["energy_pj"] / 1e6:.3f} uJ; the SNN: its input layer '
          f'{cost["input_macs"] / 1e6:.3f} M MACs (once), then synaptic '
-         'operations (SOPs)', '', 'energy relative to the ANN',
+         'operations (SOPs)', _counted(cost), '',
+         'energy relative to the ANN',
          format_table(*cost_rows(result, settings)), '',
          'millions of SOPs',
          format_table(*cost_rows(result, settings, 'sops')), '']
@@ -150,6 +151,20 @@ def format_costs(result: dict, settings: ConversionSettings) -> str:
                'ANN from ' + (f'T={over[0]}' if over else
                               f'beyond T={len(relative)}'))
   return '\n'.join(out)
+
+
+def _counted(cost: dict) -> str:
+  """Which images the counts cover, and the largest standard error of the
+  SOPs per image relative to their value."""
+  line = (f'spikes counted on the first {cost["examples"]} images '
+          f'({cost["batches"]} batches; --cost_examples)')
+  errors = [e / s for method in cost['methods'].values()
+            for s, e in zip(method['sops'], method['sops_stderr'] or [])
+            if s > 0]
+  if errors:
+    line += (f'; standard error of the SOPs per image at most '
+             f'{100 * max(errors):.2f}% of their value')
+  return line
 
 
 def format_cost_layers(result: dict, settings: ConversionSettings) -> str:

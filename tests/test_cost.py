@@ -6,6 +6,7 @@ network (random weights) for fan-outs across the zoo, and spike trains read
 off the SNN's activation outputs.
 """
 
+import copy
 import itertools
 
 import flax.linen as nn
@@ -87,9 +88,11 @@ def test_toy_fanout_and_sops_by_hand(toy):
   onehots = {k: jnp.asarray(o) for k, (o, _) in
              cost.fanout_classes(network).items()}
   counts = jax.jit(cost.class_counts)(intermediates, onehots, jnp.asarray(mask))
-  summary = cost.summarize(network, {'half': cost.accumulate(None, counts)},
-                           {'half': (steps, None)}, examples=3,
+  summary = cost.summarize(network, [(3, {'half': jax.device_get(counts)})],
+                           {'half': (steps, None)},
                            model=cost.COST_MODELS['45nm'])
+  assert summary['examples'] == 3
+  assert summary['methods']['half']['sops_stderr'] is None  # one batch
   for layer, synapses in (('Activation_0', first), ('Activation_1', second)):
     per_step = np.einsum('tbhwc,b,hw->t', spikes[layer], mask, synapses)
     np.testing.assert_allclose(summary['methods']['half']['layers'][layer][
@@ -288,6 +291,15 @@ def _settings(**fields):
   return conversion.ConversionSettings.from_config(config)
 
 
+def _without_spread(costs: dict) -> dict:
+  """A cost summary less what depends on the batching (batches, errors)."""
+  costs = copy.deepcopy(costs)
+  del costs['batches']
+  for method in costs['methods'].values():
+    del method['sops_stderr']
+  return costs
+
+
 def test_convert_and_evaluate_counts_without_padding_rows(toy):
   """The same 6 images as one batch on 4 devices (2 padding rows) and in
   batches of 4 + 2 on one device give the same costs; the result holds the
@@ -304,7 +316,8 @@ def test_convert_and_evaluate_counts_without_padding_rows(toy):
   plain = conversion.convert_and_evaluate(
       model, variables, batches(4, 2), settings,
       mesh=runtime.make_mesh(jax.devices()[:1]))
-  assert padded['cost'] == plain['cost']
+  assert _without_spread(padded['cost']) == _without_spread(plain['cost'])
+  assert (padded['cost']['batches'], plain['cost']['batches']) == (1, 2)
   cos, half = padded['cost']['methods']['cos'], padded['cost']['methods'][
       'half']
   assert len(cos['sops']) == 2 and len(half['sops']) == 2 + 4
@@ -332,3 +345,37 @@ def test_cost_model_setting():
   with pytest.raises(SettingsError, match='cost_model') as error:
     _settings(cost_model='7nm')
   assert error.value.field == 'cost_model'
+
+
+def test_cost_examples_counts_the_first_batches_with_their_spread(toy):
+  """cost_examples=3 over batches of 2 counts the first two batches: the same
+  costs as a run over only those images, and a standard error that matches
+  the ratio-estimator formula over the two batches' own costs."""
+  model, variables, images = toy
+  labels = np.arange(6) % 10
+  batches = lambda a, b: [
+      {'image': np.asarray(images[i:i + 2]), 'label': labels[i:i + 2]}
+      for i in range(a, b, 2)]
+  mesh = runtime.make_mesh(jax.devices()[:1])
+  run = lambda parts, **fields: conversion.convert_and_evaluate(
+      model, variables, parts, _settings(**fields), mesh=mesh)['cost']
+  sampled = run(batches(0, 6), cost_examples=3)
+  assert (sampled['examples'], sampled['batches']) == (4, 2)
+  assert _without_spread(sampled) == _without_spread(
+      run(batches(0, 4), cost_examples=0))
+  for name, method in sampled['methods'].items():
+    each = np.array([run(batches(i, i + 2))['methods'][name]['sops']
+                     for i in (0, 2)])
+    mean = each.mean(0)
+    np.testing.assert_allclose(method['sops'], mean)
+    expected = np.sqrt(2 * np.sum((2 * (each - mean)) ** 2, 0)) / 4
+    np.testing.assert_allclose(method['sops_stderr'], expected)
+    assert max(expected) > 0
+
+
+def test_cost_examples_setting():
+  assert _settings().cost_examples == cost.DEFAULT_COST_EXAMPLES
+  assert _settings(cost_examples=0).cost_examples is None
+  assert _settings(cost_examples=5).cost_examples == 5
+  with pytest.raises(SettingsError, match='cost_examples'):
+    _settings(cost_examples=-1)
