@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   # image settles within a few batches; the standard error over the counted
   # batches is reported with it.
   config.cost_model = '45nm'
-  config.cost_examples = 2048
+  config.cost_examples = 1024
 
   # Data: a TFDS split of the checkpoint's dataset (None: its test split),
   # optionally only its first num_examples; batch_size images per batch over

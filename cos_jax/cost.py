@@ -70,7 +70,7 @@ DEFAULT_COST_MODEL = '45nm'
 # the split. Counting adds about a quarter to a CPU's SNN runs (README), while
 # the per-image cost settles within a few batches; its standard error over
 # the counted batches is reported.
-DEFAULT_COST_EXAMPLES = 2048
+DEFAULT_COST_EXAMPLES = 1024
 
 
 def cost_model(name: str | None) -> CostModel | None:
