@@ -24,6 +24,8 @@ import sys
 import time
 
 PROGRAM = 'launch'
+# How long process 0's output waits before it is forwarded (see supervise).
+_HOLD_SECONDS = 1.0
 
 
 def _fail(message: str) -> int:
@@ -133,6 +135,28 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
     selector.register(proc.stderr, selectors.EVENT_READ, i)
   refused_at = None
   mid_line = False  # process 0's forwarded output ended inside a line
+  held = []  # (arrival time, chunk) of process 0's output not yet forwarded
+
+  def forward(until: float) -> None:
+    nonlocal mid_line
+    while held and held[0][0] <= until:
+      chunk = held.pop(0)[1]
+      sys.stderr.buffer.write(chunk)
+      sys.stderr.flush()
+      mid_line = not chunk.endswith((b'\n', b'\r'))
+
+  def report(crashed: tuple[int, int]) -> int:
+    _stop(procs, grace)
+    i, code = crashed
+    if i == 0:  # process 0's own failure: what it said is the story
+      forward(float('inf'))
+    last = _last_line(tails[i])
+    detail = f' (it said: {last[:200]})' if last else ''
+    if mid_line:  # e.g. a progress bar: the error gets a line of its own
+      sys.stderr.write('\n')
+    return _fail(f'process {i} of {len(procs)} ended with {_describe(code)}'
+                 f'{detail}; stopped the other processes')
+
   while selector.get_map():
     for key, _ in selector.select(timeout=0.2):
       i = key.data
@@ -141,32 +165,32 @@ def supervise(procs: list[subprocess.Popen], grace: float) -> int:
         selector.unregister(key.fileobj)
         continue
       tails[i] = (tails[i] + chunk)[-4096:]
-      # A peer's death comes before anything process 0 says about it.
-      if i == 0 and _crashed(procs) is None:
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        mid_line = not chunk.endswith((b'\n', b'\r'))
+      if i == 0:
+        held.append((time.time(), chunk))
     crashed = _crashed(procs)
-    if crashed is not None:
-      _stop(procs, grace)
-      i, code = crashed
-      last = _last_line(tails[i])
-      detail = f' (it said: {last[:200]})' if last else ''
-      if mid_line:  # e.g. a progress bar: the error gets a line of its own
-        sys.stderr.write('\n')
-      return _fail(f'process {i} of {len(procs)} ended with {_describe(code)}'
-                   f'{detail}; stopped the other processes')
+    if crashed is None:
+      # A killed peer's sockets close before its parent can see it exit, so
+      # process 0 may report the lost peer first: its output waits a moment,
+      # and is dropped if a peer turns out to have crashed meanwhile.
+      forward(time.time() - _HOLD_SECONDS)
+    else:
+      return report(crashed)
     refused = [i for i, p in enumerate(procs) if p.poll() == 2]
     if refused and refused_at is None:
       refused_at = time.time()
     if (refused and any(p.poll() is None for p in procs)
         and time.time() - refused_at > grace):
       _stop(procs, grace)
+      forward(float('inf'))
       if procs[0].returncode != 2:  # process 0 did not say it: pass it on
         sys.stderr.write(('\n' if mid_line else '')
                          + _last_line(tails[refused[0]]) + '\n')
       return 2
   codes = [proc.wait() for proc in procs]
+  crashed = _crashed(procs)
+  if crashed is not None:  # as the streams closed
+    return report(crashed)
+  forward(float('inf'))
   return codes[0] if codes[0] else max(codes)
 
 
