@@ -11,7 +11,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from cos_jax import settings
+from cos_jax import cost, settings
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,8 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Counting adds about a quarter to the SNN runs on a CPU while the cost per
   # image settles within a few batches; the standard error over the counted
   # batches is reported with it.
-  config.cost_model = '45nm'
-  config.cost_examples = 1024
+  config.cost_model = cost.DEFAULT_COST_MODEL
+  config.cost_examples = cost.DEFAULT_COST_EXAMPLES
 
   # Data: a TFDS split of the checkpoint's dataset (None: its test split),
   # optionally only its first num_examples; batch_size images per batch over

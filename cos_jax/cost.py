@@ -66,10 +66,8 @@ COST_MODELS = {m.name: m for m in (
               'the QCFS line of papers'),
 )}
 DEFAULT_COST_MODEL = '45nm'
-# Images counted by default (convert.py's cost_examples): the first batches of
-# the split. Counting adds about a quarter to a CPU's SNN runs (README), while
-# the per-image cost settles within a few batches; its standard error over
-# the counted batches is reported.
+# Images counted by default (convert.py's cost_examples; configs/convert.py
+# says why not all).
 DEFAULT_COST_EXAMPLES = 1024
 
 
@@ -284,14 +282,15 @@ def summarize(network: Network, batches: list[tuple[int, dict]],
          'methods': {}}
   energy = lambda s: input_pj + model.ac_pj * s
   neurons = sum(network.neurons.values())
+  values = {k: v for k, (_, v) in fanout_classes(network).items()}
   for name, (steps, calibration) in runs.items():
     totals = {layer: sum(np.asarray(counts[name][layer], np.int64)
                          for _, counts in batches)
               for layer in network.layers}
-    as_run, deployed, layers = _per_sample(network, totals, steps,
+    as_run, deployed, layers = _per_sample(network, values, totals, steps,
                                            calibration, examples)
-    per_batch = [_per_sample(network, counts[name], steps, calibration, n)[0]
-                 for n, counts in batches]
+    per_batch = [_per_sample(network, values, counts[name], steps,
+                             calibration, n)[0] for n, counts in batches]
     t = np.arange(1, steps + 1)
     probe = run_layout(steps, calibration)[0]
     layerwise = calibration is not None and probe == 0
@@ -317,12 +316,13 @@ def summarize(network: Network, batches: list[tuple[int, dict]],
   return out
 
 
-def _per_sample(network: Network, counts: dict[str, np.ndarray], steps: int,
+def _per_sample(network: Network, values: dict[str, np.ndarray],
+                counts: dict[str, np.ndarray], steps: int,
                 calibration: Calibration | None, examples: int):
   """(SOPs per sample as run [steps], as deployed [steps], per-layer rates
-  and SOPs) from summed class counts ``{layer: [probe + main, K]}``."""
+  and SOPs) from summed class counts ``{layer: [probe + main, K]}`` and each
+  layer's fan-out class values (:func:`fanout_classes`)."""
   probe, main = run_layout(steps, calibration)
-  values = {k: v for k, (_, v) in fanout_classes(network).items()}
   t = np.arange(1, steps + 1)
   layerwise = calibration is not None and probe == 0
   emitted = np.maximum(t, calibration.rho) if layerwise else t
