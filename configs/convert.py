@@ -64,9 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 77 fJ per synaptic operation against 12.5 pJ per MAC (the QCFS papers'
   # figures); 'none': count nothing. cost_examples: how many images are
   # counted, the first ones of the split in whole batches (0: every image).
-  # Counting adds about a quarter to the SNN runs on a CPU while the cost per
-  # image settles within a few batches; the standard error over the counted
-  # batches is reported with it.
+  # Counting reruns each method on the counted batches (docs/cost.md), while
+  # the cost per image settles within a few batches; the standard error over
+  # the counted batches is reported with it.
   config.cost_model = cost.DEFAULT_COST_MODEL
   config.cost_examples = cost.DEFAULT_COST_EXAMPLES
 

@@ -171,17 +171,31 @@ def correct_per_step(outputs, labels, mask):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'method', 'T', 'calibration', 'time_chunk'))
+    'model', 'method', 'T', 'calibration', 'time_chunk', 'keep_v0'))
 def _snn_correct(model, variables, images, labels, mask, key, onehots, *,
-                 method, T, calibration, time_chunk):
+                 method, T, calibration, time_chunk, keep_v0=False):
   """(correct per step [T], spike counts per step and fan-out class per IF
-  layer, ``cos_jax.cost.class_counts``; empty when ``onehots`` is None)."""
+  layer, ``cos_jax.cost.class_counts``, or {} when ``onehots`` is None; the
+  run's v0 if ``keep_v0``, else None)."""
   run = snn.run_method(model, variables, images, key, T=T, method=method,
                        calibration=calibration, time_chunk=time_chunk,
                        count_steps=onehots is not None)
   counts = ({} if onehots is None
             else cost.class_counts(run.intermediates, onehots, mask))
-  return correct_per_step(run.outputs, labels, mask), counts
+  return (correct_per_step(run.outputs, labels, mask), counts,
+          run.v0 if keep_v0 else None)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'steps', 'time_chunk'))
+def _counts_from_v0(model, variables, images, mask, v0, onehots, *, steps,
+                    time_chunk):
+  """``cos_jax.cost.class_counts`` of a ``steps``-step run from ``v0``
+  (``snn.step_spikes_from``): one program counts every method that runs from
+  its own v0, where a counting variant of each method's program would take
+  as long to compile as the method's own (docs/cost.md)."""
+  return cost.class_counts(snn.step_spikes_from(
+      model, variables, images, v0, steps=steps, time_chunk=time_chunk),
+      onehots, mask)
 
 
 @jax.jit
@@ -247,6 +261,14 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   # Per counted batch and method: its real rows and class counts (the totals,
   # and the standard error over batches).
   counted_batches = []
+  # (probe-pass steps, main-run steps) of each method's counted spikes. Runs
+  # without probe passes are counted from their v0 by one shared program
+  # over the longest of them; the global schedule's in its own program.
+  layouts = {name: cost.run_layout(settings.time_steps(name),
+                                   settings.calibration_of(name))
+             for name in settings.methods}
+  counted_steps = max((steps for probed, steps in layouts.values()
+                       if not probed), default=None)
 
   def timed(name, fn):
     start = time.perf_counter()
@@ -278,15 +300,29 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
         or sum(n for n, _ in counted_batches) < settings.cost_examples)
     batch_counts = {}
     for name in settings.methods:
-      hits, counts = timed(name, lambda name=name: _snn_correct(
+      probed, steps = layouts[name]
+      from_v0 = network is not None and not probed
+      # A v0 set by rule alone is rebuilt here: as an output of the run it
+      # would be written out on every batch, counted or not.
+      by_rule = not (methods.get(name).calibrated
+                     or methods.get(name).needs_key)
+      hits, counts, v0 = timed(name, lambda name=name: _snn_correct(
           model, variables, images, labels, mask, batch_key,
-          onehots if counting else None, method=name,
+          onehots if counting and not from_v0 else None, method=name,
           T=settings.time_steps(name),
           calibration=settings.calibration_of(name),
-          time_chunk=settings.time_chunk))
+          time_chunk=settings.time_chunk, keep_v0=from_v0 and not by_rule))
       correct[name] += runtime.to_host(hits)
+      if counting and from_v0:
+        if by_rule:  # sharded like the runs' v0: one count program
+          v0 = jax.device_put(snn.rule_v0(model, variables, images,
+                                          method=name), batch_sharding)
+        counts = timed(name, lambda: _counts_from_v0(
+            model, variables, images, mask, v0, onehots,
+            steps=counted_steps, time_chunk=settings.time_chunk))
       if counting:
-        batch_counts[name] = runtime.to_host(counts)
+        batch_counts[name] = {layer: c[:probed + steps] for layer, c in
+                              runtime.to_host(counts).items()}
     if counting and n:
       counted_batches.append((n, batch_counts))
     for when, (name, calibration) in analysed.items():

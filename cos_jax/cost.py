@@ -68,7 +68,7 @@ COST_MODELS = {m.name: m for m in (
 DEFAULT_COST_MODEL = '45nm'
 # Images counted by default (convert.py's cost_examples; configs/convert.py
 # says why not all).
-DEFAULT_COST_EXAMPLES = 1024
+DEFAULT_COST_EXAMPLES = 512
 
 
 def cost_model(name: str | None) -> CostModel | None:

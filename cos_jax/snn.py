@@ -171,6 +171,19 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
                       shapes, thresholds)
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'method'))
+def rule_v0(model: nn.Module, variables: PyTree, images: jax.Array, *,
+            method: str) -> PyTree:
+  """The v0 pytree of a method that neither calibrates nor draws (θ/2 for
+  'half', 0 for 'zero'): its rule applied to θ and the shapes, as
+  :func:`init_v0` (no forward computation)."""
+  start = init_v0(model, variables, images)
+  return jax.tree.map(
+      lambda v, threshold: methods.layer_v0(method, v[None], threshold, v,
+                                            None, 0),
+      start, _thresholds_like(start, variables['params']))
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'method',
                                              'calibration'))
 def _calibrate(model, variables, images, v0, *, method: str,
@@ -240,6 +253,21 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
 def _simulate(model, variables, images, v0, *, T, time_chunk):
   return _apply_chunked(model, variables, images, v0, SpikingConfig(steps=T),
                         time_chunk=time_chunk)[0]
+
+
+def step_spikes_from(model: nn.Module, variables: PyTree, images: jax.Array,
+                     v0: PyTree, *, steps: int,
+                     time_chunk: int | None) -> PyTree:
+  """Every IF layer's ``'step_spikes'`` (``[steps, B, ...spatial]`` spikes
+  per position, :class:`~cos_jax.activation.SpikingConfig`) of a ``steps``-step
+  run from ``v0``. IF neurons are causal, so the first t steps of this are
+  those of any run of t or more steps from the same v0: the spikes of every
+  method that runs from the v0 it set (all but the global schedule's probe
+  passes). Jit-able; not jitted.
+  """
+  config = SpikingConfig(steps=steps, count_steps=True)
+  return _apply_chunked(model, variables, images, v0, config,
+                        time_chunk=time_chunk)[1]['intermediates']
 
 
 def simulate(model: nn.Module, variables: PyTree, images: jax.Array,

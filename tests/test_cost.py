@@ -287,7 +287,8 @@ def test_counts_identical_on_1_2_and_4_devices(toy):
 
 def _settings(**fields):
   config = convert_config.get_config()
-  config.update(dict(rho=4, T=2, init='cos,half', time_chunk=2, **fields))
+  config.update({**dict(rho=4, T=2, init='cos,half', time_chunk=2),
+                 **fields})
   return conversion.ConversionSettings.from_config(config)
 
 
@@ -379,3 +380,33 @@ def test_cost_examples_setting():
   assert _settings(cost_examples=5).cost_examples == 5
   with pytest.raises(SettingsError, match='cost_examples'):
     _settings(cost_examples=-1)
+
+
+@pytest.mark.parametrize('schedule', ['layerwise', 'global'])
+def test_every_method_is_counted_as_its_own_run_spikes(toy, schedule):
+  """convert_and_evaluate counts the methods that run from their v0 with one
+  program over the longest run (T + ρ = 6 steps here), from the v0 each run
+  returned or its rule; the costs equal those of each method's own counting
+  run (checked against plain spike trains in
+  test_counted_steps_are_the_runs_spikes)."""
+  model, variables, images = toy
+  settings = _settings(init='cos,half,zero,random,lightweight',
+                       schedule=schedule)
+  mesh = runtime.make_mesh(jax.devices()[:1])
+  result = conversion.convert_and_evaluate(
+      model, variables, [{'image': np.asarray(images),
+                          'label': np.arange(6) % 10}], settings, mesh=mesh)
+  network = cost.analyse(model, variables, IMAGE)
+  onehots = {k: o for k, (o, _) in cost.fanout_classes(network).items()}
+  _, batch_key = jax.random.split(jax.random.key(settings.seed))
+  own = {name: runtime.to_host(conversion._snn_correct(  # pylint: disable=protected-access
+      model, variables, images, np.arange(6) % 10, np.ones(6, np.int32),
+      batch_key, onehots, method=name, T=settings.time_steps(name),
+      calibration=settings.calibration_of(name),
+      time_chunk=settings.time_chunk)[1]) for name in settings.methods}
+  runs = {name: (settings.time_steps(name), settings.calibration_of(name))
+          for name in settings.methods}
+  expected = cost.summarize(network, [(6, own)], runs,
+                            cost.COST_MODELS[settings.cost_model])
+  assert _without_spread(result['cost']) == _without_spread(expected)
+  assert len(set(str(m['sops']) for m in expected['methods'].values())) == 5

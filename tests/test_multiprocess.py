@@ -64,7 +64,7 @@ def test_convert_on_two_processes_equals_one(tmp_path):
   all among process 0's rows, so process 1 runs it on padding alone; every
   image is counted once and results.json equals the one-process run's."""
   flags = ['--num_examples=70', '--batch_size=32', '--T=4', '--rho=4',
-           '--init=cos,random']
+           '--init=cos,random,half']
   result = _single('convert.py', *flags, f'--output_dir={tmp_path / "one"}')
   assert result.returncode == 0, result.stderr[-2000:]
   result = _launch('convert.py', *flags, f'--output_dir={tmp_path / "two"}')
