@@ -261,9 +261,11 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   # Per counted batch and method: its real rows and class counts (the totals,
   # and the standard error over batches).
   counted_batches = []
-  # (probe-pass steps, main-run steps) of each method's counted spikes. Runs
-  # without probe passes are counted from their v0 by one shared program
-  # over the longest of them; the global schedule's in its own program.
+  # (probe-pass steps, main-run steps) of each method's counted spikes. A
+  # sample of the batches is rerun from each method's v0 by one program that
+  # serves every run without probe passes (the longest one's steps); when all
+  # are counted, or the global schedule probes, each method's own program
+  # counts as it runs, which costs less per batch but a compile per method.
   layouts = {name: cost.run_layout(settings.time_steps(name),
                                    settings.calibration_of(name))
              for name in settings.methods}
@@ -301,7 +303,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     batch_counts = {}
     for name in settings.methods:
       probed, steps = layouts[name]
-      from_v0 = network is not None and not probed
+      from_v0 = (network is not None and not probed
+                 and settings.cost_examples is not None)
       # A v0 set by rule alone is rebuilt here: as an output of the run it
       # would be written out on every batch, counted or not.
       by_rule = not (methods.get(name).calibrated
