@@ -54,7 +54,9 @@ def define_config(program: str, path: str, help_text: str):
     return config_flags.DEFINE_config_file('config', path, help_text,
                                            lock_config=True)
   except Exception as e:  # pylint: disable=broad-except
-    fail(program, f'{first_line(e, 300)}: no such config field. See '
+    # ml_collections wraps the KeyError of the name, quotes included.
+    field = first_line(e, 300).strip('\'"')
+    fail(program, f'--config.{field}: no such config field. See '
          f'{os.path.relpath(path)} for the fields')
 
 

@@ -113,7 +113,7 @@ def test_bad_settings_give_one_line_and_exit_2(tiny_workdir, tmp_path, capfd,
 @pytest.mark.parametrize('args, words', [
     (['--rho', '1.5'], ['rho']),
     (['--bogus', '3'], ['bogus']),
-    (['--config.bogus_field=3'], ['bogus_field']),
+    (['--config.bogus_field=3'], ['--config.bogus_field: no such']),
     (['extra'], ['unexpected arguments']),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, words):
