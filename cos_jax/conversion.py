@@ -92,13 +92,11 @@ class ConversionSettings:
 
 def _cost_examples(value) -> int | None:
   """The cost_examples setting: 0 (or None) means every image."""
-  if value is None or (isinstance(value, int) and not isinstance(value, bool)
-                       and value == 0):
-    return None
-  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+  if value is not None and (isinstance(value, bool)
+                            or not isinstance(value, int) or value < 0):
     raise SettingsError('cost_examples', 'must be a positive integer, or 0 '
                         f'to count every image, got {value!r}')
-  return value
+  return value or None
 
 
 def _cost_model_name(name) -> str | None:
@@ -269,8 +267,13 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   layouts = {name: cost.run_layout(settings.time_steps(name),
                                    settings.calibration_of(name))
              for name in settings.methods}
-  counted_steps = max((steps for probed, steps in layouts.values()
-                       if not probed), default=None)
+  # Per rerun method, whether its v0 is rebuilt from its rule: as an output
+  # of the run, a v0 set by rule alone would be written out on every batch.
+  sampled = settings.cost_model and settings.cost_examples is not None
+  reruns = {
+      name: not (methods.get(name).calibrated or methods.get(name).needs_key)
+      for name, (probed, _) in layouts.items() if sampled and not probed}
+  counted_steps = max((layouts[name][1] for name in reruns), default=None)
 
   def timed(name, fn):
     start = time.perf_counter()
@@ -302,21 +305,15 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
         or sum(n for n, _ in counted_batches) < settings.cost_examples)
     batch_counts = {}
     for name in settings.methods:
-      probed, steps = layouts[name]
-      from_v0 = (network is not None and not probed
-                 and settings.cost_examples is not None)
-      # A v0 set by rule alone is rebuilt here: as an output of the run it
-      # would be written out on every batch, counted or not.
-      by_rule = not (methods.get(name).calibrated
-                     or methods.get(name).needs_key)
+      rerun, by_rule = name in reruns, reruns.get(name, False)
       hits, counts, v0 = timed(name, lambda name=name: _snn_correct(
           model, variables, images, labels, mask, batch_key,
-          onehots if counting and not from_v0 else None, method=name,
+          onehots if counting and not rerun else None, method=name,
           T=settings.time_steps(name),
           calibration=settings.calibration_of(name),
-          time_chunk=settings.time_chunk, keep_v0=from_v0 and not by_rule))
+          time_chunk=settings.time_chunk, keep_v0=rerun and not by_rule))
       correct[name] += runtime.to_host(hits)
-      if counting and from_v0:
+      if counting and rerun:
         if by_rule:  # sharded like the runs' v0: one count program
           v0 = jax.device_put(snn.rule_v0(model, variables, images,
                                           method=name), batch_sharding)
@@ -324,7 +321,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
             model, variables, images, mask, v0, onehots,
             steps=counted_steps, time_chunk=settings.time_chunk))
       if counting:
-        batch_counts[name] = {layer: c[:probed + steps] for layer, c in
+        kept = sum(layouts[name])  # a rerun spans the longest run's steps
+        batch_counts[name] = {layer: c[:kept] for layer, c in
                               runtime.to_host(counts).items()}
     if counting and n:
       counted_batches.append((n, batch_counts))
