@@ -4,6 +4,7 @@ Core (pure, jit-able):
   qcfs, if_neuron, spike_train, probe, shift_v0, calibrate_layer, offset_spikes, ratio_and_mse
 Networks (a zoo model + its variables):
   models.get, init_v0, calibrate, simulate, evaluate_snn
+Any JAX network: trace (its jax.nn.relu calls become sites), with_qcfs
 Settings: Calibration (validated once, hashable), methods.METHODS (the v0 methods)
 """
 
@@ -15,11 +16,12 @@ from cos_jax.neuron import (IFResult, ProbeStats, calibrate_layer, if_neuron,
 from cos_jax.settings import Calibration, SettingsError
 from cos_jax.snn import (SNNRun, calibrate, evaluate_snn, init_v0, simulate,
                          spiking)
+from cos_jax.trace import trace, with_qcfs
 
 __all__ = [
     'Activation', 'Calibration', 'IFResult', 'ProbeStats', 'SNNRun',
     'SettingsError', 'SpikingConfig', 'calibrate', 'calibrate_layer',
     'evaluate_snn', 'if_neuron', 'init_v0', 'methods', 'models',
     'offset_spikes', 'probe', 'qcfs', 'ratio_and_mse', 'shift_v0', 'simulate',
-    'spike_train', 'spiking',
+    'spike_train', 'spiking', 'trace', 'with_qcfs',
 ]

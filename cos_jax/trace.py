@@ -1,0 +1,306 @@
+"""Any JAX network in: a function's ReLU calls become QCFS / IF layers.
+
+:func:`trace` turns ``fn(variables, images) -> logits``, written in any JAX
+framework (Flax NNX or Linen, Equinox, plain ``jax.numpy``), into a model that
+every function of :mod:`cos_jax.snn` accepts: each ``jax.nn.relu`` call is an
+activation site, run as :class:`~cos_jax.activation.Activation` (the zoo's
+slot, so the neuron, method and calibration logic is the same code). The
+function is traced to a jaxpr once per input shape and evaluated equation by
+equation:
+
+* the ANN: every site is a QCFS activation with its own threshold;
+* the SNN: a value that depends on no site (the image through the first
+  layers) is computed once, as in the ANN; a value that does carries a leading
+  time axis ``[T, ...]`` and the equations on it run on all steps at once
+  (``jax.vmap``, which folds time into a conv's or matmul's batch); each
+  site is an IF layer over ``[T, B, ...]`` currents.
+
+:func:`with_qcfs` applies the same substitution to a user's training-mode
+function, with the same site names, so its trained thresholds feed the SNN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cos_jax import neuron
+from cos_jax.activation import Activation, SpikingConfig
+from cos_jax.jaxpr_walk import (NotConvertible, bind, check_network,
+                                evaluate, site_names, site_stacks)
+from cos_jax.settings import check_positive_int
+
+PyTree = Any
+NET = 'net'  # the key of the user's variables in the traced model's params
+
+
+def _array_leaves(tree: PyTree, what: str) -> None:
+  """Refuses a leaf that is not an array or a number (one line)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int,
+                             float)):
+      raise ValueError(
+          f'{what}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, '
+          'not an array: pass only arrays (e.g. eqx.partition(model, '
+          'eqx.is_array)[0]) and close over the rest in the function')
+
+
+class Program:
+  """A traced function: its site names and one jaxpr per input shape.
+
+  Hashed by identity, so a model holding it is a valid ``jit`` static.
+  """
+
+  def __init__(self, fn: Callable, sites: tuple[str, ...]):
+    self.fn = fn
+    self.sites = sites
+    self._jaxprs = {}
+
+  def jaxpr(self, *args):
+    """The closed jaxpr of ``fn(*args)`` (traced once per shape)."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+    if key not in self._jaxprs:
+      closed = jax.make_jaxpr(self.fn)(*args)
+      names = site_names(site_stacks(closed.jaxpr))
+      if names != self.sites:
+        raise NotConvertible(
+            f'the function has sites {list(names)} at input shapes {key[1]} '
+            f'but {list(self.sites)} when traced first: its ReLUs must not '
+            'depend on the batch size')
+      self._jaxprs[key] = closed
+    return self._jaxprs[key]
+
+
+class Temporal:
+  """A value with a leading time axis ``[T, ...]`` (one per IF time-step)."""
+
+  def __init__(self, x):
+    self.x = x
+
+
+def _apply_in_time(eqn, values):
+  """``eqn`` on values some of which are :class:`Temporal`: run on every
+  step at once (``vmap`` folds time into a conv's or matmul's batch)."""
+  timed = [isinstance(v, Temporal) for v in values]
+  if not any(timed):
+    return bind(eqn, values)
+  outs = jax.vmap(lambda *xs: bind(eqn, xs), in_axes=[
+      0 if t else None for t in timed])(*[
+          v.x if t else v for v, t in zip(values, timed)])
+  return [Temporal(o) for o in outs]
+
+
+class TracedModel(nn.Module):
+  """A traced function as a model of the zoo's interface.
+
+  ``model.apply(net_variables, images)`` is the QCFS ANN;
+  ``model.clone(spiking=SpikingConfig(...))`` the IF network, whose output
+  is time-folded ``[B·T, C]`` sample-major like a zoo model's.
+
+  Attributes:
+    program: the traced function (:class:`Program`).
+    levels: L, the QCFS quantisation levels of every site.
+    spiking: ``None`` for the ANN, else the spiking pass settings.
+    threshold_init: λ of a site without a given threshold.
+  """
+  program: Program
+  levels: int
+  spiking: SpikingConfig | None = None
+  threshold_init: float = 8.0
+
+  @property
+  def sites(self) -> tuple[str, ...]:
+    return self.program.sites
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    del train  # the traced function is the inference function
+    net = self.get_variable('params', NET)
+    closed = self.program.jaxpr(net, images)
+    args = jax.tree.leaves((net, images))
+
+    def site(k, x):
+      static = not isinstance(x, Temporal)
+      layer = Activation(self.levels, self.spiking, static_input=static,
+                         threshold_init=self.threshold_init, time_major=True,
+                         name=self.sites[k])
+      if self.spiking is None:
+        return layer(x)
+      return Temporal(layer(x if static else x.x))
+
+    out = evaluate(closed.jaxpr, closed.consts, args, site=site,
+                   apply=bind if self.spiking is None else _apply_in_time)
+    if len(out) != 1:
+      raise NotConvertible(f'the function returns {len(out)} arrays; it must '
+                           'return the logits [B, C] alone')
+    logits = out[0]
+    if self.spiking is None:
+      return logits
+    if not isinstance(logits, Temporal):
+      raise NotConvertible('the logits do not depend on any ReLU')
+    folded = jnp.moveaxis(logits.x, 0, 1)  # [B, T, C] sample-major
+    return folded.reshape((-1,) + folded.shape[2:])
+
+
+def _thresholds(sites: Sequence[str], thresholds, threshold_init) -> dict:
+  """One threshold per site from None, a sequence or a mapping by name."""
+  if thresholds is None:
+    values = [threshold_init] * len(sites)
+  elif isinstance(thresholds, Mapping):
+    unknown = sorted(set(thresholds) - set(sites))
+    if unknown:
+      raise ValueError(f'thresholds names {unknown}, not sites; the sites '
+                       f'are {list(sites)}')
+    values = [thresholds.get(s, threshold_init) for s in sites]
+  else:
+    values = list(thresholds)
+    if len(values) != len(sites):
+      raise ValueError(f'thresholds has {len(values)} values for '
+                       f'{len(sites)} sites {list(sites)}')
+  out = {}
+  for name, value in zip(sites, values):
+    value = jnp.asarray(value, jnp.float32)
+    neuron.check_threshold(value)
+    out[name] = {'threshold': value}
+  return out
+
+
+def trace(fn: Callable, variables: PyTree, images, *, levels: int,
+          thresholds=None, threshold_init: float = 8.0
+          ) -> tuple[TracedModel, dict]:
+  """A user's network as a QCFS ANN and IF SNN of the zoo's interface.
+
+  Args:
+    fn: ``fn(variables, images) -> logits [B, C]``, the inference function,
+      any JAX code; each ``jax.nn.relu`` call in it is an activation site.
+    variables: its variables, any pytree of arrays.
+    images: ``[B, ...]`` example inputs (shape and dtype are what matter).
+    levels: L, the QCFS quantisation levels.
+    thresholds: None (every site gets ``threshold_init``), a sequence in site
+      order, or a mapping from site name to threshold.
+    threshold_init: the threshold of a site not given one.
+
+  Returns:
+    ``(model, net_variables)``: ``model.sites`` names the sites in trace
+    order (JAX's name stack, the Flax or Equinox module path, where there is
+    one, else ``relu_<k>``); ``net_variables = {'params': {'net': variables,
+    site: {'threshold': θ}, ...}}``; ``model.apply(net_variables, images)``
+    is the QCFS ANN's logits, differentiable in both. ``model`` goes
+    wherever a zoo model does (``cos_jax.calibrate``, ``simulate``,
+    ``evaluate_snn``, ``init_v0``, the analyses and cost counting).
+
+  Raises:
+    cos_jax.jaxpr_walk.NotConvertible: ``fn`` has no ReLU, or an operation
+      on a value that depends on a ReLU is not linear (max pooling,
+      LayerNorm, a product of spiking values, a data-dependent branch, a
+      random operation); the one-line message names the operation, the
+      source line and what to use instead.
+
+  Example:
+    >>> def mlp(p, x):
+    ...   return jax.nn.relu(x.reshape(len(x), -1) @ p['w1']) @ p['w2']
+    >>> p = {'w1': jnp.ones((784, 16)) / 784, 'w2': jnp.ones((16, 10))}
+    >>> net, net_vars = cos_jax.trace(mlp, p, jnp.ones((2, 28, 28, 1)),
+    ...                               levels=4, thresholds=[1.0])
+    >>> net.sites
+    ('relu_0',)
+    >>> cos_jax.evaluate_snn(net, net_vars, jnp.ones((2, 28, 28, 1)), T=4,
+    ...                      rho=4).outputs.shape
+    (4, 2, 10)
+  """
+  levels = check_positive_int('levels', levels)
+  _array_leaves(variables, 'variables')
+  closed = jax.make_jaxpr(fn)(variables, images)
+  check_network(closed)
+  program = Program(fn, site_names(site_stacks(closed.jaxpr)))
+  program._jaxprs[_key(variables, images)] = closed
+  model = TracedModel(program, levels, threshold_init=threshold_init)
+  params = {NET: variables,
+            **_thresholds(program.sites, thresholds, threshold_init)}
+  return model, {'params': params}
+
+
+def _key(*args):
+  leaves, tree = jax.tree.flatten(args)
+  return (tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class QCFSFunction:
+  """``fn`` with each ReLU call replaced by QCFS (see :func:`with_qcfs`)."""
+  fn: Callable
+  levels: int
+
+  def _traced(self, args, kwargs):
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    arrays = [isinstance(x, (jax.Array, np.ndarray, np.generic))
+              for x in leaves]
+
+    def flat(*xs):
+      it = iter(xs)
+      full = [next(it) if a else x for x, a in zip(leaves, arrays)]
+      a, k = jax.tree.unflatten(tree, full)
+      return self.fn(*a, **k)
+
+    inputs = [x for x, a in zip(leaves, arrays) if a]
+    closed, shape = jax.make_jaxpr(flat, return_shape=True)(*inputs)
+    return closed, inputs, shape
+
+  def sites(self, *args, **kwargs) -> tuple[str, ...]:
+    """The site names of ``fn(*args, **kwargs)``, as :func:`trace` names
+    them."""
+    return site_names(site_stacks(self._traced(args, kwargs)[0].jaxpr))
+
+  def init(self, *args, threshold_init: float = 8.0, **kwargs) -> dict:
+    """``{site: threshold_init}`` for every site of ``fn(*args, **kwargs)``."""
+    return {s: jnp.float32(threshold_init) for s in self.sites(*args,
+                                                               **kwargs)}
+
+  def __call__(self, thresholds: Mapping, *args, **kwargs):
+    closed, inputs, shape = self._traced(args, kwargs)
+    names = site_names(site_stacks(closed.jaxpr))
+    missing = [s for s in names if s not in thresholds]
+    if missing:
+      raise ValueError(f'thresholds lacks the sites {missing} (use '
+                       '.init(*args) for the names)')
+    out = evaluate(closed.jaxpr, closed.consts, inputs,
+                   site=lambda k, x: neuron.qcfs(x, thresholds[names[k]],
+                                                 self.levels),
+                   apply=bind)
+    return jax.tree.unflatten(jax.tree.structure(shape), out)
+
+
+def with_qcfs(fn: Callable, *, levels: int) -> QCFSFunction:
+  """``fn`` with every ``jax.nn.relu`` call a QCFS activation of L levels.
+
+  Works on any function, a training-mode forward included: BatchNorm
+  statistics, dropout keys and auxiliary outputs pass through as ``fn``
+  returns them. The sites are named as :func:`trace` names them, so the
+  thresholds trained here feed the SNN directly.
+
+  Args:
+    fn: any function calling ``jax.nn.relu``.
+    levels: L.
+
+  Returns:
+    ``qfn(thresholds, *args, **kwargs)``, ``thresholds`` a mapping from site
+    name to λ, differentiable in it (straight-through floor) and in the
+    array arguments; ``qfn.init(*args, **kwargs)`` gives every site λ = 8.
+
+  Example:
+    >>> def mlp(p, x):
+    ...   return jax.nn.relu(x @ p['w1']) @ p['w2']
+    >>> qfn = cos_jax.with_qcfs(mlp, levels=4)
+    >>> p = {'w1': jnp.ones((3, 5)), 'w2': jnp.ones((5, 2))}
+    >>> thresholds = qfn.init(p, jnp.ones((2, 3)))
+    >>> qfn(thresholds, p, jnp.ones((2, 3))).shape
+    (2, 2)
+  """
+  return QCFSFunction(fn, check_positive_int('levels', levels))
