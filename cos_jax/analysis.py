@@ -70,7 +70,7 @@ def statistics(model, variables, images, mask, key, *, T: int, method: str,
                calibration: Calibration | None):
   """:func:`layer_statistics` on settings already validated (no checks)."""
   _, ann_state = model.apply(
-      {k: variables[k] for k in ('params', 'batch_stats')}, images,
+      {k: variables[k] for k in ('params', 'batch_stats') if k in variables}, images,
       train=False, mutable=['intermediates'])
   run = snn.run_method(model, variables, images, key, T=T, method=method,
                        calibration=calibration, record_steps=T)

@@ -241,7 +241,7 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   mesh = mesh or runtime.make_mesh()
   replicated, batch_sharding = runtime.shardings(mesh)
   variables = runtime.to_global(runtime.to_host(
-      {k: variables[k] for k in ('params', 'batch_stats')}), replicated)
+      {k: variables[k] for k in ('params', 'batch_stats') if k in variables}), replicated)
   analysis_T = settings.analysis_T or model.levels
   # Offset spikes in the theorems' setting ρ = T = L (paper Fig. 3, Table 3),
   # before and after COS: the probe spans the analysis window, whatever ρ the

@@ -38,8 +38,9 @@ _BRANCHES = frozenset({'cond', 'while', 'scan', 'switch'})
 
 # What to use instead, by the kind of operation refused.
 _ADVICE = {
-    'max': 'use average pooling (nn.avg_pool) instead of max pooling, and '
-           'jax.nn.relu (not jnp.maximum) for a ReLU',
+    'max': 'use average pooling (nn.avg_pool) instead of max pooling, '
+           'jax.nn.relu (not jnp.maximum) for a ReLU, and apply softmax to '
+           'the logits outside the function',
     'product': 'a product of two spiking values has no rate equivalent; '
                'compute it before the first ReLU or after the output',
     'norm': 'normalise with BatchNorm in inference mode (an affine map), or '
@@ -56,7 +57,9 @@ _KIND = {'max': 'max', 'reduce_max': 'max', 'reduce_window_max': 'max',
          'argmin': 'max', 'exp': 'norm', 'log': 'norm', 'div': 'norm',
          'rsqrt': 'norm', 'sqrt': 'norm', 'integer_pow': 'norm',
          'pow': 'norm', 'logistic': 'norm', 'tanh': 'norm', 'exp2': 'norm',
-         'log1p': 'norm', 'expm1': 'norm', 'erf': 'norm', 'square': 'norm'}
+         'log1p': 'norm', 'expm1': 'norm', 'erf': 'norm', 'square': 'norm',
+         'gt': 'branch', 'ge': 'branch', 'lt': 'branch', 'le': 'branch',
+         'eq': 'branch', 'ne': 'branch', 'sign': 'branch'}
 
 
 class NotConvertible(ValueError):
@@ -95,9 +98,22 @@ def has_sites(jaxpr) -> bool:
   return False
 
 
+def _line(frame) -> str:
+  return f'{frame.file_name}:{frame.start_line} ({frame.function_name})'
+
+
 def where(eqn) -> str:
-  """The user's source line of ``eqn`` (and its module path, if any)."""
-  line = source_info_util.summarize(eqn.source_info)
+  """The user's source line of ``eqn``, the library line it ran in when
+  that differs (e.g. inside flax's LayerNorm), and its module path."""
+  frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+  if not frames:
+    return 'an unknown source line'
+  own = next((f for f in frames if not any(
+      part in f.file_name for part in ('site-packages', 'dist-packages',
+                                       '/cos_jax/'))), frames[0])
+  line = _line(own)
+  if own is not frames[0]:
+    line += f' via {_line(frames[0])}'
   stack = str(eqn.source_info.name_stack)
   return f'{line} [{stack}]' if stack else line
 
@@ -211,8 +227,9 @@ def _check_eqn(eqn, spiking: list[bool]) -> None:
       eqn.params['new_dtype'], jax.numpy.floating):
     return
   kind = _KIND.get(name, 'other')
-  what = {'max': f'{name} (max pooling, or a ReLU written as a maximum)',
-          'norm': f'{name} (a normalisation, softmax or other non-linear map)'
+  what = {'max': f'{name} (a maximum: max pooling, jnp.maximum or softmax)',
+          'norm': f'{name} (a normalisation, softmax or other non-linear map)',
+          'branch': f'a comparison ({name}), i.e. a data-dependent choice,'
           }.get(kind, name)
   _refuse(eqn, f'{what} on a spiking value', kind)
 

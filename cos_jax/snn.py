@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
+from cos_jax.trace import check_model
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
                               Calibration, check_positive_int,
                               check_time_chunk)
@@ -45,6 +46,7 @@ def _model_variables(variables: PyTree, v0: PyTree | None) -> dict:
 def _apply(model, variables, images, v0, config: SpikingConfig,
            capture: bool = False, key: jax.Array | None = None):
   """One spiking pass; returns (outputs [steps, B, C], mutated collections)."""
+  check_model(model, variables, images)  # once per model and shape
   mutable = []
   if v0 is None or config.method is not None:
     mutable.append('v0')
@@ -311,7 +313,7 @@ def memory_bound(model: nn.Module, variables: PyTree, image_shape, *,
   _, state = jax.eval_shape(
       lambda v, x: model.apply(v, x, capture_intermediates=True,
                                mutable=['intermediates']),
-      {k: variables[k] for k in ('params', 'batch_stats')},
+      {k: variables[k] for k in ('params', 'batch_stats') if k in variables},
       jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
   per_image_step = sum(leaf.size * leaf.dtype.itemsize
                        for leaf in jax.tree.leaves(state))

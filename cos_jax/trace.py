@@ -166,7 +166,9 @@ def _thresholds(sites: Sequence[str], thresholds, threshold_init) -> dict:
                        f'{len(sites)} sites {list(sites)}')
   out = {}
   for name, value in zip(sites, values):
-    value = jnp.asarray(value, jnp.float32)
+    value = jnp.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      value = value.astype(jnp.float32)
     neuron.check_threshold(value)
     out[name] = {'threshold': value}
   return out
@@ -304,3 +306,59 @@ def with_qcfs(fn: Callable, *, levels: int) -> QCFSFunction:
     (2, 2)
   """
   return QCFSFunction(fn, check_positive_int('levels', levels))
+
+
+def _as_relu(next_fun, args, kwargs, context):
+  if isinstance(context.module, Activation) and context.method_name == (
+      '__call__'):
+    return jax.nn.relu(args[0])
+  return next_fun(*args, **kwargs)
+
+
+_CHECKED = set()
+
+
+def check_model(model: nn.Module, variables: PyTree, images) -> None:
+  """The linearity check of :func:`trace` on a zoo-style model.
+
+  Its Activation slots are read as ReLU sites, so a hand-built model with
+  max pooling, LayerNorm or a stray ``jax.nn.relu`` between two slots is
+  refused (NotConvertible) instead of converting silently wrong. Each model
+  and input shape is checked once; a traced model was checked by
+  :func:`trace`.
+  """
+  if isinstance(model, TracedModel):
+    return
+  model = model.clone(spiking=None) if hasattr(model, 'spiking') else model
+  collections = {k: variables[k] for k in ('params', 'batch_stats')
+                 if k in variables}
+  key = (model, _key(collections, images))
+  if key in _CHECKED:
+    return
+  with nn.intercept_methods(_as_relu):
+    closed = jax.make_jaxpr(functools.partial(model.apply, train=False))(
+        collections, images)
+  stray = len(site_stacks(closed.jaxpr)) - _slots(model, collections, images)
+  if stray:
+    raise NotConvertible(
+        f'{type(model).__name__} calls jax.nn.relu {stray} time(s) outside '
+        'its Activation slots; use the Activation slot (the act factory) '
+        'for every ReLU')
+  check_network(closed, what=type(model).__name__)
+  _CHECKED.add(key)
+
+
+def _slots(model, collections, images) -> int:
+  """How many Activation calls one forward pass makes."""
+  calls = []
+
+  def count(next_fun, args, kwargs, context):
+    if isinstance(context.module, Activation) and context.method_name == (
+        '__call__'):
+      calls.append(1)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(count):
+    jax.eval_shape(functools.partial(model.apply, train=False), collections,
+                   images)
+  return len(calls)
