@@ -249,18 +249,28 @@ def check_linear(jaxpr, *, spiking_in: Sequence[bool] | None = None
     return True
 
   def apply(eqn, flags):
-    if eqn.primitive.name in _RANDOM:
-      _refuse(eqn, f'a random operation ({eqn.primitive.name})', 'random')
-    if any(flags):
+    name = eqn.primitive.name
+    if name in _RANDOM:
+      _refuse(eqn, f'a random operation ({name})', 'random')
+    if name not in _BRANCHES:
+      if any(flags):
+        _check_eqn(eqn, flags)
+      return [any(flags)] * len(eqn.outvars)
+    # A branch or loop: chosen by a static value (e.g. lax.platform_dependent)
+    # it is checked branch by branch; on a spiking value it is refused.
+    static_choice = name == 'cond' and not flags[0]
+    if any(flags) and not static_choice:
       _check_eqn(eqn, flags)
-    if eqn.primitive.name in _BRANCHES:  # static branches: look inside
-      for key in ('branches', 'jaxpr', 'cond_jaxpr', 'body_jaxpr'):
-        for sub in _as_list(eqn.params.get(key)):
-          inner, _ = _closed(sub)
-          if has_sites(inner):
-            _refuse(eqn, f'a ReLU inside {eqn.primitive.name}', 'branch')
-          check_linear(inner)
-    return [any(flags)] * len(eqn.outvars)
+    out = [False] * len(eqn.outvars)
+    for key in ('branches', 'jaxpr', 'cond_jaxpr', 'body_jaxpr'):
+      for sub in _as_list(eqn.params.get(key)):
+        inner, _ = _closed(sub)
+        if has_sites(inner):
+          _refuse(eqn, f'a ReLU inside {name}', 'branch')
+        inner_in = flags[1:] if static_choice else None
+        out = [a or b for a, b in zip(out, check_linear(
+            inner, spiking_in=inner_in))]
+    return out
 
   return evaluate(jaxpr, [False] * len(jaxpr.constvars), spiking_in,
                   site=site, apply=apply, inline_all=True,

@@ -326,3 +326,16 @@ def test_ann_is_differentiable_and_with_qcfs_names_match_trace():
   assert any(np.abs(grads['params'][s]['threshold']) > 0
              for s in model.sites)
   assert np.abs(grads['params']['net']['w1']).sum() > 0
+
+
+def test_zoo_convolutions_chosen_per_platform_pass_the_check():
+  """The zoo's 'auto' convs are a lax.platform_dependent choice (a cond on a
+  static index): a static branch, checked branch by branch."""
+  model = models.get('small', num_classes=3, levels=4,
+                     stages=((32,), (32,)), hidden=4)
+  x = jnp.ones((2, 4, 4, 16))
+  variables = model.init(jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, x).jaxpr
+  assert 'cond' in {e.primitive.name for e in jaxpr.eqns}
+  run = cos_jax.evaluate_snn(model, variables, x, T=2, rho=2)
+  assert run.outputs.shape == (2, 2, 3)
