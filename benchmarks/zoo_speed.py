@@ -12,6 +12,9 @@ For every selected model (CIFAR 32x32 and ImageNet 224x224 layouts):
   the state before :mod:`cos_jax.conv`) against the default per-shape choice;
 * ``SNN / (max(ρ,T) x ANN)`` for fused COS (``cos_jax.evaluate_snn``) and for
   ``calibrate`` + ``simulate`` (whose floor is ``(ρ+T)/max(ρ,T)``);
+* fused COS of the same network through ``cos_jax.trace``
+  (``trace_zoo_model``: the zoo's forward with each slot read as
+  ``jax.nn.relu``) against the zoo path, in time and in memory per image;
 * on a CPU host, 1 host device against all of them: the 1-device run is a
   subprocess (the XLA CPU device count is fixed when JAX starts). On a GPU or
   TPU the comparison is skipped (host devices do not run the models there);
@@ -224,6 +227,7 @@ def time_model(name: str, batch: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from cos_jax import runtime  # pylint: disable=g-import-not-at-top
   import cos_jax  # pylint: disable=g-import-not-at-top
+  from cos_jax.trace import trace_zoo_model  # pylint: disable=g-import-not-at-top
   replicated, sharded = runtime.shardings(runtime.make_mesh())
   model, _, images = build(name, batch)
   images = jax.device_put(
@@ -237,9 +241,12 @@ def time_model(name: str, batch: int) -> dict:
       'ann': jax.jit(model.apply),
       'ann_lax': jax.jit(lax_model.apply)}, (variables, images),
                        FLAGS.repeats, cpu)
+  traced, traced_vars = trace_zoo_model(model, variables, images)
   snn = median_seconds({
       'cos': lambda v, x: cos_jax.evaluate_snn(
           model, v, x, T=T, rho=rho).outputs,
+      'cos_traced': lambda v, x: cos_jax.evaluate_snn(
+          traced, traced_vars, x, T=T, rho=rho).outputs,
       'calibrate_simulate': lambda v, x: cos_jax.simulate(
           model, v, x, cos_jax.calibrate(model, v, x, rho=rho), T=T)},
                        (variables, images), FLAGS.repeats, cpu)
@@ -290,8 +297,8 @@ def report_speed(result: dict, single: dict | None):
         f'max(rho,T)={steps} ANN forwards (calibrate+simulate floor: '
         f'{(FLAGS.rho + FLAGS.T) / steps:.2f})')
   header = ('model', 'batch', 'GFLOP/img', 'ANN ms', 'GFLOP/s', '% limit',
-            'lax ANN ms', 'lax/auto', 'COS ms', 'COS ratio', 'cal+sim ms',
-            'cal+sim ratio')
+            'lax ANN ms', 'lax/auto', 'COS ms', 'COS ratio', 'traced COS',
+            'traced/zoo', 'cal+sim ms', 'cal+sim ratio')
   print(' '.join(f'{h:>13}' for h in header))
   for name, m in result['models'].items():
     flops = ann_flops(name, m['batch'])
@@ -301,6 +308,8 @@ def report_speed(result: dict, single: dict | None):
            f'{100 * gflops / limit:.0f}%', f'{m["ann_lax"] * 1e3:.1f}',
            f'{m["ann_lax"] / m["ann"]:.2f}x', f'{m["cos"] * 1e3:.1f}',
            f'{m["cos"] / (steps * m["ann"]):.2f}',
+           f'{m["cos_traced"] * 1e3:.1f}',
+           f'{m["cos_traced"] / m["cos"]:.2f}x',
            f'{m["calibrate_simulate"] * 1e3:.1f}',
            f'{m["calibrate_simulate"] / (steps * m["ann"]):.2f}')
     print(' '.join(f'{str(c):>13}' for c in row))
@@ -382,19 +391,23 @@ def compiled_bytes(fn, *args) -> dict:
 
 def report_memory(names: list[str]):
   import cos_jax  # pylint: disable=g-import-not-at-top
+  from cos_jax.trace import trace_zoo_model  # pylint: disable=g-import-not-at-top
   rho, T, chunk = FLAGS.memory_rho, FLAGS.memory_T, FLAGS.memory_time_chunk
   b1, b2 = (int(b) for b in FLAGS.memory_batches)
   gib, mib, budget = 2**30, 2**20, FLAGS.device_gib * 2**30
   cache = {}
 
-  def cos_bytes(name, batch, probe_steps):
-    if (name, batch, probe_steps) not in cache:
+  def cos_bytes(name, batch, probe_steps, traced=False):
+    key = (name, batch, probe_steps, traced)
+    if key not in cache:
       model, variables, images = build(name, batch)
-      cache[name, batch, probe_steps] = compiled_bytes(
+      if traced:  # the same network through cos_jax.trace
+        model, variables = trace_zoo_model(model, variables, images)
+      cache[key] = compiled_bytes(
           lambda v, x: cos_jax.evaluate_snn(
               model, v, x, T=T, rho=probe_steps, time_chunk=chunk).outputs,
           variables, images)
-    return cache[name, batch, probe_steps]
+    return cache[key]
 
   print(f'\nmemory (XLA compiled memory analysis, one device, compiled '
         f'only): fused COS rho={rho} T={T} time_chunk={chunk}')
@@ -408,6 +421,10 @@ def report_memory(names: list[str]):
           f'all buffers {per_image["total"] / gib:.3f} GiB/image + '
           f'{fixed / gib:.3f} GiB fixed -> largest batch in '
           f'{FLAGS.device_gib:g} GiB: {fits}', flush=True)
+    traced = [cos_bytes(name, b, rho, traced=True)['total'] for b in (b1, b2)]
+    print(f'  {"":18s} traced: all buffers '
+          f'{(traced[1] - traced[0]) / (b2 - b1) / gib:.3f} GiB/image',
+          flush=True)
   name = names[0]
   model, variables, images = build(name, b1)
   base = compiled_bytes(lambda v, x: cos_jax.simulate(

@@ -26,6 +26,7 @@ import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -362,3 +363,28 @@ def _slots(model, collections, images) -> int:
     jax.eval_shape(functools.partial(model.apply, train=False), collections,
                    images)
   return len(calls)
+
+
+def trace_zoo_model(model: nn.Module, variables: PyTree, images
+                    ) -> tuple[TracedModel, dict]:
+  """A zoo-style model through :func:`trace`: its forward with every
+  Activation slot read as ``jax.nn.relu``, the slots' thresholds carried
+  over. The same network on the traced front end (what the tests and
+  ``benchmarks/zoo_speed.py`` compare with the zoo path).
+  """
+  collections = {k: variables[k] for k in ('params', 'batch_stats')
+                 if k in variables}
+  ann = model.clone(spiking=None)
+
+  def fn(v, x):
+    with nn.intercept_methods(_as_relu):
+      return ann.apply(v, x, train=False)
+
+  names = site_names(site_stacks(jax.make_jaxpr(fn)(collections,
+                                                    images).jaxpr))
+  flat = traverse_util.flatten_dict(collections['params'])
+  # A slot's site is named by its module path under the model's own name.
+  thresholds = {s: flat[tuple(s.split('/')[1:]) + ('threshold',)]
+                for s in names}
+  return trace(fn, collections, images, levels=model.levels,
+               thresholds=thresholds, threshold_init=model.threshold_init)
