@@ -9,7 +9,7 @@ Two checks:
   name; a ``.md``/``.py``/``.ipynb`` name in running text counts too), and every ``cos_jax.x`` / ``cos_jax.x.y`` name anywhere in the text,
   code blocks included, must import (the longest importable module prefix,
   then ``getattr`` for the rest). Paths under the directories the programs
-  write (``results/``, ``runs/``) and file names of their outputs
+  write (``results/``, ``runs/``, a workdir's ``best/``) and file names of their outputs
   (``results.json``, ``log.jsonl``, ...) are not checked. A deliberately
   broken snippet per kind of reference shows that the checker goes red.
 
@@ -53,7 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------- references --
 
 # Directories and file names that the programs write, not the repository.
-GENERATED_DIRS = ('results', 'runs', '.venv')
+GENERATED_DIRS = ('results', 'runs', 'best', '.venv')
 GENERATED_NAMES = {'results.json', 'results.csv', 'accuracy.png',
                    'offset_spikes.png', 'accuracy_energy.png', 'log.jsonl',
                    'config.json'}
