@@ -4,8 +4,10 @@
 schedule, ε). It is frozen and hashable: the public functions build it from
 their keyword arguments (or a CLI builds it from its config), and the same
 object travels unchanged into :class:`~cos_jax.activation.SpikingConfig` and,
-as a static argument, into every jitted function. Nothing downstream checks it
-again.
+as a static argument, into every jitted function. Its constructor is the only
+check of each field's range; downstream, ``SpikingConfig.__post_init__`` only
+checks that a pass is long enough for the probe (ρ ≤ its steps), which the
+public functions guarantee by running ``max(ρ, T)`` steps.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ SATURATED_RULES = ('keep', 'fire')
 # Long simulations run in chunks of this many time-steps, carrying every IF
 # layer's membrane potential from one chunk to the next: a linear layer then
 # sees [B·chunk, ...] rows instead of [B·T, ...], which bounds memory by the
-# chunk and keeps a CPU's caches warm (README, "SNN speed and memory").
+# chunk and keeps a CPU's caches warm (docs/performance.md, "SNN speed and memory").
 DEFAULT_TIME_CHUNK = 8
 
 
