@@ -173,6 +173,16 @@ def test_page_references_resolve(page, files):
   assert problems(text, files, os.path.dirname(page)) == []
 
 
+def test_architecture_names_every_module_and_benchmark(files):
+  with open(os.path.join(ROOT, 'docs', 'architecture.md'),
+            encoding='utf-8') as f:
+    text = f.read()
+  named = set(re.findall(r'[\w]+\.py', text))
+  code = sorted(f for f in files if f.endswith('.py') and f.startswith(
+      ('cos_jax/', 'benchmarks/')))
+  assert [f for f in code if os.path.basename(f) not in named] == []
+
+
 # Each snippet names one thing that does not exist; the checker must see it.
 BROKEN = {
     'path in backticks': 'See `cos_jax/no_such_module.py`.',
