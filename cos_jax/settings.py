@@ -31,7 +31,15 @@ DEFAULT_TIME_CHUNK = 8
 
 
 class SettingsError(ValueError):
-  """A setting out of range. ``field`` names it; the message is one line."""
+  """A setting out of range. ``field`` names it; the message is one line.
+
+  Example:
+    >>> try:
+    ...   cos_jax.simulate(model, variables, images, T=0)
+    ... except cos_jax.SettingsError as error:
+    ...   print(error.field, '|', error)
+    T | T must be a positive integer, got 0
+  """
 
   def __init__(self, field: str, message: str):
     super().__init__(f'{field} {message}')
@@ -65,6 +73,14 @@ class Calibration:
     saturated: the rule for a neuron that fired at every probe step and still
       wants more spikes: 'fire' (at every later step, as the PyTorch
       reference does; the default) or 'keep' (docs/semantics.md).
+
+  Example:
+    >>> cos_jax.Calibration(rho=4)
+    Calibration(rho=4, iterations=1, schedule='layerwise', epsilon=0.001, saturated='fire')
+    >>> cos_jax.Calibration(rho=0)
+    Traceback (most recent call last):
+    ...
+    cos_jax.settings.SettingsError: rho must be a positive integer, got 0
   """
   rho: int
   iterations: int = 1

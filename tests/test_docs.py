@@ -23,7 +23,7 @@ Two checks:
   - ``model = cos_jax.models.get('small', num_classes=10, levels=4)``, the
     default small net (5 IF layers; 28×28×1 images);
   - ``variables``: its ``{'params', 'batch_stats'}`` from
-    ``model.init(jax.random.key(0), images)``;
+    ``jax.jit(model.init)(jax.random.key(0), images)``;
   - ``images``: ``[2, 28, 28, 1]`` float32, uniform in [0, 1) (seed 0).
 
   Examples run from the repository root (so they may read
@@ -220,7 +220,7 @@ def doctest_globals() -> dict:
   model = models.get('small', num_classes=10, levels=4)
   images = jnp.asarray(
       np.random.default_rng(0).uniform(size=(2, 28, 28, 1)), jnp.float32)
-  variables = model.init(jax.random.key(0), images)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
   return dict(cos_jax=cos_jax, jax=jax, jnp=jnp, np=np, model=model,
               variables=variables, images=images)
 
