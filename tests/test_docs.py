@@ -5,7 +5,7 @@ Two checks:
 * **References.** README.md and every docs/*.md may name only things that
   exist: a repository path in backticks or as a link target
   (``cos_jax/neuron.py``, ``[semantics](docs/semantics.md)``, or a bare
-  ``neuron.py``/``DESIGN.md`` file name, which must be some tracked file's
+  ``neuron.py``/``HISTORY.md`` file name, which must be some tracked file's
   name; a ``.md``/``.py``/``.ipynb`` name in running text counts too), and every ``cos_jax.x`` / ``cos_jax.x.y`` name anywhere in the text,
   code blocks included, must import (the longest importable module prefix,
   then ``getattr`` for the rest). Paths under the directories the programs
@@ -66,7 +66,7 @@ _LINK = re.compile(r'\]\(([^)\s]+)\)')
 _FENCE = re.compile(r'^```.*?^```', re.M | re.S)
 _DOTTED = re.compile(r'(?<![\w.])cos_jax(?:\.[A-Za-z_]\w*)+')
 _PATH_CHARS = re.compile(r'^[\w./-]+$')
-# A file name in running text, backticked or not: DESIGN.md, cos_jax/cost.py.
+# A file name in running text, backticked or not: HISTORY.md, cos_jax/cost.py.
 _PROSE_FILE = re.compile(r'(?<![\w./`-])([\w./-]+\.(?:md|py|ipynb))(?![\w`])')
 
 
@@ -187,8 +187,8 @@ def test_architecture_names_every_module_and_benchmark(files):
 BROKEN = {
     'path in backticks': 'See `cos_jax/no_such_module.py`.',
     'package-relative path': 'The neuron lives in `models/neuronz.py`.',
-    'bare file name': 'As `DESIGN.md` §2 says.',
-    'file name in running text': 'The claim in DESIGN.md does not hold.',
+    'bare file name': 'As `HISTORY.md` §2 says.',
+    'file name in running text': 'The claim in HISTORY.md does not hold.',
     'relative link': 'Read [the manual](docs/no_such_page.md).',
     'link from docs/': 'Read [semantics](semantic.md).',
     'link relative to the wrong page': 'Read [cost](docs/cost.md).',
