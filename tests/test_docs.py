@@ -170,7 +170,21 @@ def files():
 def test_page_references_resolve(page, files):
   with open(os.path.join(ROOT, page), encoding='utf-8') as f:
     text = f.read()
-  assert problems(text, files, os.path.dirname(page)) == []
+  found = problems(text, files, os.path.dirname(page))
+  assert not found, f'{page}: ' + '; '.join(found)
+
+
+def test_every_number_of_the_readme_is_in_the_docs():
+  """The README summarises; docs/ holds each figure with its command."""
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    readme = _FENCE.sub('', f.read())
+  docs = ''
+  for page in doc_pages()[1:]:
+    with open(os.path.join(ROOT, page), encoding='utf-8') as f:
+      docs += f.read()
+  numbers = {n.rstrip('.,') for n in
+             re.findall(r'(?<![\w.])\d[\d,]*\.?\d*', readme)}
+  assert sorted(n for n in numbers if n not in docs) == []
 
 
 def test_architecture_names_every_module_and_benchmark(files):
