@@ -47,11 +47,10 @@ def curves_from_results(results: dict) -> dict:
     curves[label] = {'probe_steps': rho if method.calibrated else 0,
                      'T': list(range(1, len(curve) + 1)),
                      'accuracy': [100 * a for a in curve]}
-  return {'ann_accuracy': 100 * results['ann_accuracy'], 'curves': curves,
-          'what': f'{results.get("examples", "?")} examples, {results["source"]}'}
+  return {'ann_accuracy': 100 * results['ann_accuracy'], 'curves': curves}
 
 
-def figure(data: dict, max_latency: int) -> bytes:
+def figure(data: dict, max_latency: int = 40, title: str = '') -> bytes:
   """PNG bytes: accuracy (%) against T + probe steps, log-2 latency axis."""
   import io  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -71,8 +70,7 @@ def figure(data: dict, max_latency: int) -> bytes:
   ax.set_xticks(ticks, [str(t) for t in ticks])
   ax.set_xlabel('total latency: time-steps including the ρ probe steps')
   ax.set_ylabel('accuracy (%)')
-  ax.set_title('CIFAR-10 ResNet-20, L = 4 (2,000 test images)'
-               if _RESULTS.value is None else 'accuracy against total latency')
+  ax.set_title(title or 'accuracy against total latency')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='lower right')
   buf = io.BytesIO()
@@ -89,7 +87,7 @@ def main(argv):
     data = json.load(f)
   if _RESULTS.value:
     data = curves_from_results(data)
-  png = figure(data, _MAX_LATENCY.value)
+  png = figure(data, _MAX_LATENCY.value, data.get('title', ''))
   with open(_OUT.value, 'wb') as f:
     f.write(png)
   print(f'wrote {_OUT.value} from {path}')

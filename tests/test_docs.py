@@ -1,44 +1,48 @@
 """The documentation against the code: references resolve, examples run.
 
-Two checks:
-
-* **References.** README.md and every docs/*.md may name only things that
-  exist: a repository path in backticks or as a link target
-  (``cos_jax/neuron.py``, ``[semantics](docs/semantics.md)``, or a bare
-  ``neuron.py``/``HISTORY.md`` file name, which must be some tracked file's
-  name; a ``.md``/``.py``/``.ipynb`` name in running text counts too), and every ``cos_jax.x`` / ``cos_jax.x.y`` name anywhere in the text,
-  code blocks included, must import (the longest importable module prefix,
-  then ``getattr`` for the rest). Paths under the directories the programs
-  write (``results/``, ``runs/``, a workdir's ``best/``) and file names of their outputs
-  (``results.json``, ``log.jsonl``, ...) are not checked. A deliberately
-  broken snippet per kind of reference shows that the checker goes red.
+* **References.** README.md and every docs/*.md name only things that exist:
+  - a repository path in backticks (``cos_jax/neuron.py``; a path relative
+    to the package, ``models/``, counts) or a link target, resolved from the
+    page as GitHub does (``[semantics](docs/semantics.md)``);
+  - a bare file name in backticks (``neuron.py``) or a ``.md``/``.py``/
+    ``.ipynb`` name in running text (``HISTORY.md``): some tracked file's
+    name;
+  - every ``cos_jax.x`` / ``cos_jax.x.y`` name anywhere in the text, code
+    blocks included: the longest importable module prefix imports and
+    ``getattr`` finds the rest.
+  Paths under the directories the programs write (``results/``, ``runs/``, a
+  workdir's ``best/``) and their output files (``results.json``,
+  ``log.jsonl``, ...) are not checked. :data:`BROKEN` holds one deliberately
+  broken snippet per kind of reference: the checker must flag each.
+  Also: every number of the README appears in docs/ (which gives its
+  command), and docs/architecture.md names every module and benchmark.
 
 * **Docstring examples.** Every public function and class (the names of
   ``cos_jax.__all__`` other than its two modules, plus ``cos_jax.models.get``
-  and ``cos_jax.interop.load_torch_checkpoint``) has an ``Example:`` section in
-  doctest form, and all of them run here. Examples share one namespace,
-  :func:`doctest_globals`, and may use, without importing them:
-
+  and ``cos_jax.interop.load_torch_checkpoint``) has an ``Example:`` section
+  in doctest form (``>>>``), and all of them run here, with ELLIPSIS and
+  NORMALIZE_WHITESPACE. Each example starts from a copy of one namespace,
+  :func:`doctest_globals`, and may use without importing them:
   - ``cos_jax``, ``jax``, ``jnp`` (``jax.numpy``), ``np`` (``numpy``);
   - ``model = cos_jax.models.get('small', num_classes=10, levels=4)``, the
-    default small net (5 IF layers; 28×28×1 images);
-  - ``variables``: its ``{'params', 'batch_stats'}`` from
+    default small net (5 IF layers, 28×28×1 images, θ = 8 at init);
+  - ``variables``: its ``{'params', 'batch_stats'}``,
     ``jax.jit(model.init)(jax.random.key(0), images)``;
   - ``images``: ``[2, 28, 28, 1]`` float32, uniform in [0, 1) (seed 0).
-
-  Examples run from the repository root (so they may read
-  ``tests/fixtures/...``) and must be quick: all of them take a few seconds.
-  A new public name needs an example, or :func:`test_every_public_name_has_an_example`
-  fails.
+  Examples run from the repository root (they may read ``tests/fixtures/``)
+  and must be quick: a second or two each. A new public name without an
+  example fails :func:`test_every_public_name_has_an_example`.
 """
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +189,40 @@ def test_every_number_of_the_readme_is_in_the_docs():
   numbers = {n.rstrip('.,') for n in
              re.findall(r'(?<![\w.])\d[\d,]*\.?\d*', readme)}
   assert sorted(n for n in numbers if n not in docs) == []
+
+
+def test_the_figure_data_is_the_results_table():
+  """docs/figures/cifar10_resnet20.json holds rows of docs/results.md."""
+  with open(os.path.join(ROOT, 'docs', 'figures', 'cifar10_resnet20.json'),
+            encoding='utf-8') as f:
+    data = json.load(f)
+  with open(os.path.join(ROOT, 'docs', 'results.md'), encoding='utf-8') as f:
+    text = f.read()
+  table = text[text.index('| CIFAR-10 (2k), ResNet-20'):].split('\n\n')[0]
+  values = set()
+  for line in table.splitlines()[2:]:
+    cells = [c.strip().strip('*') for c in line.strip('| ').split('|')]
+    values |= {f'{float(c):.2f}' for c in cells[1:]}
+  for curve in data['curves'].values():
+    assert {f'{a:.2f}' for a in curve['accuracy']} <= values
+  assert all('convert.py' in command for command in data['commands'])
+
+
+def test_figures_script_draws_from_the_data_and_from_results_json():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    figures = importlib.import_module('figures')
+  finally:
+    sys.path.pop(0)
+  with open(os.path.join(ROOT, 'docs', 'figures', 'cifar10_resnet20.json'),
+            encoding='utf-8') as f:
+    assert figures.figure(json.load(f)).startswith(b'\x89PNG')
+  results = {'config': {'rho': 2}, 'ann_accuracy': 0.9, 'curves': {
+      'cos': [0.8, 0.9], 'half': [0.5, 0.6, 0.7, 0.8]}}
+  data = figures.curves_from_results(results)
+  assert data['ann_accuracy'] == 90.0
+  assert [c['probe_steps'] for c in data['curves'].values()] == [2, 0]
+  assert figures.figure(data).startswith(b'\x89PNG')
 
 
 def test_architecture_names_every_module_and_benchmark(files):
