@@ -15,25 +15,13 @@ The committed JSON holds the table of docs/results.md (CIFAR-10 ResNet-20,
 gives every T up to T + ρ of the methods it ran.
 """
 
+import argparse
 import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-_DATA = flags.DEFINE_string(
-    'data', os.path.join(ROOT, 'docs', 'figures', 'cifar10_resnet20.json'),
-    'Curves as in docs/figures/cifar10_resnet20.json.')
-_RESULTS = flags.DEFINE_string(
-    'results', None, 'A convert.py results.json to plot instead of --data.')
-_OUT = flags.DEFINE_string(
-    'out', os.path.join(ROOT, 'docs', 'figures', 'accuracy_latency.png'),
-    'The PNG to write.')
-_MAX_LATENCY = flags.DEFINE_integer('max_latency', 40,
-                                    'Right end of the latency axis.')
 
 
 def curves_from_results(results: dict) -> dict:
@@ -80,18 +68,29 @@ def figure(data: dict, max_latency: int = 40, title: str = '') -> bytes:
   return buf.getvalue()
 
 
-def main(argv):
-  del argv
-  path = _RESULTS.value or _DATA.value
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data', default=os.path.join(
+      ROOT, 'docs', 'figures', 'cifar10_resnet20.json'),
+                      help='Curves as in docs/figures/cifar10_resnet20.json.')
+  parser.add_argument('--results', help='A convert.py results.json to plot '
+                      'instead of --data.')
+  parser.add_argument('--out', default=os.path.join(
+      ROOT, 'docs', 'figures', 'accuracy_latency.png'),
+                      help='The PNG to write.')
+  parser.add_argument('--max_latency', type=int, default=40,
+                      help='Right end of the latency axis.')
+  args = parser.parse_args(argv)
+  path = args.results or args.data
   with open(path, encoding='utf-8') as f:
     data = json.load(f)
-  if _RESULTS.value:
+  if args.results:
     data = curves_from_results(data)
-  png = figure(data, _MAX_LATENCY.value, data.get('title', ''))
-  with open(_OUT.value, 'wb') as f:
+  png = figure(data, args.max_latency, data.get('title', ''))
+  with open(args.out, 'wb') as f:
     f.write(png)
-  print(f'wrote {_OUT.value} from {path}')
+  print(f'wrote {args.out} from {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()
