@@ -75,12 +75,23 @@ _PROSE_FILE = re.compile(r'(?<![\w./`-])([\w./-]+\.(?:md|py|ipynb))(?![\w`])')
 
 
 def tracked_files() -> set[str]:
-  """The repository's files: git's index plus untracked files not ignored."""
-  out = subprocess.run(
-      ['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
-      cwd=ROOT, capture_output=True, text=True, check=True).stdout
-  return {line for line in out.splitlines() if os.path.exists(
-      os.path.join(ROOT, line))}
+  """The repository's files: git's index plus untracked files not ignored
+  (outside a git checkout: every file but build and output directories)."""
+  try:
+    out = subprocess.run(
+        ['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return {line for line in out.splitlines()
+            if os.path.exists(os.path.join(ROOT, line))}
+  except (OSError, subprocess.CalledProcessError):
+    files = set()
+    for top, dirs, names in os.walk(ROOT):
+      dirs[:] = [d for d in dirs if d not in (
+          '.git', '.venv', '.pytest_cache', '.hypothesis', '__pycache__',
+          'results', 'runs')]
+      files |= {os.path.relpath(os.path.join(top, n), ROOT) for n in names
+                if n != '.git'}
+    return files
 
 
 def _exists(path: str, files: set[str]) -> bool:
