@@ -40,7 +40,7 @@ def spiking(model: nn.Module, config: SpikingConfig) -> nn.Module:
   Example:
     >>> snn = cos_jax.spiking(model, cos_jax.SpikingConfig(steps=4))
     >>> apply = lambda v, x: snn.apply(v, x, train=False, mutable=['v0'])
-    >>> out, state = jax.jit(apply)(variables, images)
+    >>> out, state = jax.eval_shape(apply, variables, images)   # or jax.jit
     >>> out.shape, sorted(state['v0'])[:2]      # 2 images x 4 steps
     ((8, 10), ['Activation_0', 'Activation_1'])
   """
@@ -316,10 +316,11 @@ def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
     The prediction at time t is ``outputs[:t].mean(0).argmax(-1)``.
 
   Example:
-    >>> outputs = cos_jax.simulate(model, variables, images, T=8)   # from θ/2
+    >>> v0 = cos_jax.init_v0(model, variables, images)      # θ/2: the baseline
+    >>> outputs = cos_jax.simulate(model, variables, images, v0, T=4)
     >>> outputs.shape
-    (8, 2, 10)
-    >>> outputs[:4].mean(0).argmax(-1).shape    # predictions at T = 4
+    (4, 2, 10)
+    >>> outputs[:2].mean(0).argmax(-1).shape    # predictions at T = 2
     (2,)
   """
   T, time_chunk = check_positive_int('T', T), check_time_chunk(time_chunk)
@@ -370,7 +371,7 @@ class SNNRun(NamedTuple):
       ``record_steps`` steps (empty dict when not recorded).
 
   Example:
-    >>> run = cos_jax.evaluate_snn(model, variables, images, T=4, init='half')
+    >>> run = cos_jax.evaluate_snn(model, variables, images, T=4, rho=4)
     >>> run.outputs.shape, run.intermediates
     ((4, 2, 10), {})
   """
