@@ -13,9 +13,10 @@ batch).
 
 pretrained/cifar10_resnet20 was trained in two cosine cycles
 (docs/results.md, "CIFAR-10"): this config stopped after 37 epochs (the
-first run stopped there; `--config.stop_after_steps=4625` reproduces it), then a second cycle
-of 45 epochs from its best checkpoint, `--config.init_from_workdir=<the first
-workdir> --config.epochs=45 --config.learning_rate=0.04`.
+first run stopped there; `--config.stop_after_steps=4625` reproduces it),
+then a second cycle of 45 epochs from its best checkpoint,
+`--config.init_from_workdir=<the first workdir> --config.epochs=45
+--config.learning_rate=0.04`.
 """
 
 from configs import paper

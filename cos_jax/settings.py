@@ -4,10 +4,11 @@
 schedule, ε). It is frozen and hashable: the public functions build it from
 their keyword arguments (or a CLI builds it from its config), and the same
 object travels unchanged into :class:`~cos_jax.activation.SpikingConfig` and,
-as a static argument, into every jitted function. Its constructor is the only
-check of each field's range; downstream, ``SpikingConfig.__post_init__`` only
-checks that a pass is long enough for the probe (ρ ≤ its steps), which the
-public functions guarantee by running ``max(ρ, T)`` steps.
+as a static argument, into every jitted function. Its constructor checks every
+field. Downstream, ``SpikingConfig.__post_init__`` checks only that a pass is
+long enough for the probe (ρ ≤ its steps; the public functions run
+``max(ρ, T)`` steps), and ``neuron.calibrate_layer``, public itself, checks its
+own ``epsilon``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SATURATED_RULES = ('keep', 'fire')
 # Long simulations run in chunks of this many time-steps, carrying every IF
 # layer's membrane potential from one chunk to the next: a linear layer then
 # sees [B·chunk, ...] rows instead of [B·T, ...], which bounds memory by the
-# chunk and keeps a CPU's caches warm (docs/performance.md, "SNN speed and memory").
+# chunk and keeps a CPU's caches warm (docs/performance.md, "SNN speed and
+# memory").
 DEFAULT_TIME_CHUNK = 8
 
 
@@ -76,7 +78,8 @@ class Calibration:
 
   Example:
     >>> cos_jax.Calibration(rho=4)
-    Calibration(rho=4, iterations=1, schedule='layerwise', epsilon=0.001, saturated='fire')
+    Calibration(rho=4, iterations=1, schedule='layerwise', epsilon=0.001,
+                saturated='fire')
     >>> cos_jax.Calibration(rho=0)
     Traceback (most recent call last):
     ...

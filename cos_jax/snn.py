@@ -176,9 +176,9 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
 
   Example:
     >>> v0 = cos_jax.init_v0(model, variables, images)
-    >>> v0['Activation_0']['v0'].shape          # [B, H, W, C] of the first layer
+    >>> v0['Activation_0']['v0'].shape         # [B, H, W, C], the first layer
     (2, 28, 28, 32)
-    >>> float(v0['Activation_0']['v0'].max())   # θ/2, θ = 8.0 at initialisation
+    >>> float(v0['Activation_0']['v0'].max())  # θ/2, θ = 8.0 at init
     4.0
   """
   config = SpikingConfig(steps=1)
