@@ -15,7 +15,8 @@
   ``log.jsonl``, ...) are not checked. :data:`BROKEN` holds one deliberately
   broken snippet per kind of reference: the checker must flag each.
   Also: every number of the README appears in docs/ (which gives its
-  command), and docs/architecture.md names every module and benchmark.
+  command), docs/architecture.md names every module and benchmark, and
+  docs/api.md every public name.
 
 * **Docstring examples.** Every public function and class (the names of
   ``cos_jax.__all__`` other than its two modules, plus ``cos_jax.models.get``
@@ -234,6 +235,12 @@ def test_figures_script_draws_from_the_data_and_from_results_json():
   assert data['ann_accuracy'] == 90.0
   assert [c['probe_steps'] for c in data['curves'].values()] == [2, 0]
   assert figures.figure(data).startswith(b'\x89PNG')
+
+
+def test_the_reference_page_names_every_public_name():
+  with open(os.path.join(ROOT, 'docs', 'api.md'), encoding='utf-8') as f:
+    text = f.read()
+  assert [name for name in public_objects() if f'`{name}' not in text] == []
 
 
 def test_architecture_names_every_module_and_benchmark(files):
