@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data convert test train benchmark cifar10-offline
+.PHONY: setup data convert test train benchmark figures cifar10-offline
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: setup
 benchmark: setup
 	$(PYTHON) benchmarks/snn_speed.py --batch 64 --rho 8 --T 8 --chunk_T 32 --time_chunks none,4,8,16
 	$(PYTHON) benchmarks/train_throughput.py
+
+# The README's figure (docs/figures/accuracy_latency.png) from the CIFAR-10
+# ResNet-20 table of docs/results.md, kept in docs/figures/cifar10_resnet20.json.
+figures: setup
+	$(PYTHON) benchmarks/figures.py
 
 # One-time: the real CIFAR-10 test set as the TFDS dataset cifar10_offline
 # (8,000 train / 2,000 test, cos_jax/data/cifar10_offline.py), prepared in

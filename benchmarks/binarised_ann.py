@@ -1,8 +1,8 @@
 r"""What one time-step can do: the ANN with some QCFS layers binarised.
 
-Not a speed benchmark; the accuracy analysis behind the README's T = 1
-discussion. From v(0) = θ/2 an IF neuron fires at step 1 iff its input is at
-least θ/2, which is QCFS with L = 1. So this prints, on the test split:
+Not a speed benchmark; the accuracy analysis behind the T = 1 section of
+docs/results.md. From v(0) = θ/2 an IF neuron fires at step 1 iff its input
+is at least θ/2, which is QCFS with L = 1. So this prints, on the test split:
 
 * the ANN's accuracy, and with each activation layer alone binarised (L = 1),
   then all but the first, then all of them;

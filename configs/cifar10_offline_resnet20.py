@@ -11,11 +11,12 @@ CPU: 150 epochs instead of 300, batch 64 instead of 128 (more steps on a
 small training set), learning rate 0.05 instead of 0.1 (scaled with the
 batch).
 
-pretrained/cifar10_resnet20 was trained in two cosine cycles (README,
-"CIFAR-10"): this config stopped after 37 epochs (the first run was cut
-there; `--config.stop_after_steps=4625` reproduces it), then a second cycle
-of 45 epochs from its best checkpoint, `--config.init_from_workdir=<the first
-workdir> --config.epochs=45 --config.learning_rate=0.04`.
+pretrained/cifar10_resnet20 was trained in two cosine cycles
+(docs/results.md, "CIFAR-10"): this config stopped after 37 epochs (the
+first run stopped there; `--config.stop_after_steps=4625` reproduces it),
+then a second cycle of 45 epochs from its best checkpoint,
+`--config.init_from_workdir=<the first workdir> --config.epochs=45
+--config.learning_rate=0.04`.
 """
 
 from configs import paper

@@ -48,6 +48,14 @@ class SpikingConfig:
       axis: ``'step_spikes'``, ``[steps, B, ...spatial]``, int16 (int32 from
       2**15 features). For the cost counts of :mod:`cos_jax.cost`, where a
       neuron's fan-out does not depend on its channel.
+
+  Example:
+    >>> config = cos_jax.SpikingConfig(
+    ...     steps=8, method='cos', calibration=cos_jax.Calibration(rho=4))
+    >>> config.probe_steps
+    4
+    >>> cos_jax.spiking(model, config).spiking is config
+    True
   """
   steps: int
   method: str | None = None
@@ -102,6 +110,12 @@ class Activation(nn.Module):
       time folded into the batch, ``[B·T, ...]`` sample-major. True (the
       traced front end, :mod:`cos_jax.trace`): ``[T, B, ...]``. A static
       input is ``[B, ...]`` either way.
+
+  Example:
+    >>> act = cos_jax.Activation(levels=4)            # the ANN: QCFS, λ = 8
+    >>> x = jnp.array([-1., 0.9, 3.1, 99.])
+    >>> act.apply(act.init(jax.random.key(0), x), x)
+    Array([0., 0., 4., 8.], dtype=float32)
   """
   levels: int
   spiking: SpikingConfig | None = None

@@ -285,9 +285,11 @@ def load_torch_checkpoint(path_or_state_dict, *, arch: str, num_classes: int,
     ValueError: an unknown ``arch`` or bad ``levels``.
 
   Example:
-    >>> model, variables = load_torch_checkpoint(
-    ...     'QCFS_CIFAR10_vgg16_L4.pth', arch='vgg16', num_classes=10, levels=4)
-    >>> run = cos_jax.evaluate_snn(model, variables, images, T=8, rho=4)
+    >>> net, weights = cos_jax.interop.load_torch_checkpoint(  # narrow widths
+    ...     'tests/fixtures/torch/QCFS_CIFAR10_resnet20_L4.pth',
+    ...     arch='resnet20', num_classes=10, levels=4, stage_features=(4, 6, 8))
+    >>> jax.eval_shape(net.apply, weights, jnp.zeros((1, 32, 32, 3))).shape
+    (1, 10)
   """
   if arch not in ARCHS:
     raise ValueError(f'arch must be one of {", ".join(ARCHS)}, got {arch!r}')

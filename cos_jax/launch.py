@@ -6,7 +6,7 @@ r"""Runs a cos_jax program as several JAX processes on this machine.
 starts ``--processes`` copies of the program on loopback, each with
 ``--coordinator_address=127.0.0.1:<port> --num_processes=N --process_id=i
 --host_devices=D``: one global mesh of N·D devices, exactly what N hosts of a
-TPU pod slice or a SLURM job form (README, "Many hosts", has their commands).
+TPU pod slice or a SLURM job form (docs/many-hosts.md has their commands).
 Process 0's output is shown, a second late; the others' is kept back. If a
 process fails (anything but a refusal, exit code 2), the others are stopped
 and one line says which failed and how (what process 0 said in the second

@@ -74,6 +74,13 @@ class ProbeStats(NamedTuple):
     spike_count: number of spikes Σ s(t) (same float dtype as the currents).
     min_fired_v: min{v(t) | s(t) = 1}; +inf where the neuron never fired.
     max_silent_v: max{v(t) | s(t) = 0}; -inf where the neuron fired at every step.
+
+  Example:
+    >>> stats = cos_jax.probe(jnp.full((4, 1), 0.75), 1.0)   # from v(0) = 0.5
+    >>> stats.spike_count, stats.v       # 1.25 1.0 0.75 1.5 fire at 1, 2, 4
+    (Array([3.], dtype=float32), Array([0.5], dtype=float32))
+    >>> stats.min_fired_v, stats.max_silent_v
+    (Array([0.], dtype=float32), Array([0.75], dtype=float32))
   """
   v: Array
   spike_count: Array
@@ -88,6 +95,13 @@ class IFResult(NamedTuple):
     spikes: ``[T, ...]`` spike train in {0, 1} (dtype of the currents).
     v: final potential v(T).
     spike_count, min_fired_v, max_silent_v: as in :class:`ProbeStats`.
+
+  Example:
+    >>> result = cos_jax.if_neuron(jnp.full((4, 1), 0.75), 1.0)
+    >>> result.spikes[:, 0]
+    Array([1., 1., 0., 1.], dtype=float32)
+    >>> result.stats == cos_jax.probe(jnp.full((4, 1), 0.75), 1.0)
+    True
   """
   spikes: Array
   v: Array
@@ -185,8 +199,11 @@ def if_neuron(currents: Array, threshold: Array,
   (``convert.py`` refuses non-finite images).
 
   Example:
-    >>> r = cos_jax.if_neuron(jnp.full((4, 3), 0.6), 1.0)   # T=4, 3 neurons
-    >>> r.spikes.sum(0), r.v                 # 0.5 + 4·0.6 = 2.9 -> 2 spikes, v=0.9
+    >>> r = cos_jax.if_neuron(jnp.full((4, 3), 0.75), 1.0)   # T=4, 3 neurons
+    >>> r.spikes.shape
+    (4, 3)
+    >>> r.spike_count, r.v          # 0.5 + 4·0.75 = 3.5: 3 spikes, v(4) = 0.5
+    (Array([3., 3., 3.], dtype=float32), Array([0.5, 0.5, 0.5], dtype=float32))
   """
   stats, spikes = _if_scan(currents, threshold, v0, keep_spikes=True)
   return IFResult(spikes, *stats)
@@ -197,6 +214,14 @@ def spike_train(currents: Array, threshold: Array,
   """Just the ``[T, ...]`` spikes of :func:`if_neuron` (no statistics kept).
 
   With ``return_final_v`` also returns v(T), so a run can resume from it.
+
+  Example:
+    >>> I = jnp.full((4, 1), 0.75)
+    >>> cos_jax.spike_train(I, 1.0)[:, 0]
+    Array([1., 1., 0., 1.], dtype=float32)
+    >>> first, v2 = cos_jax.spike_train(I[:2], 1.0, return_final_v=True)
+    >>> cos_jax.spike_train(I[2:], 1.0, v2)[:, 0]      # resumes at step 3
+    Array([0., 1.], dtype=float32)
   """
   carry, spikes = _if_scan(currents, threshold, v0, keep_spikes=True,
                            keep_stats=False)
@@ -217,6 +242,11 @@ def probe(currents: Array, threshold: Array,
 
   Returns:
     :class:`ProbeStats`, each field shaped like ``currents[0]``.
+
+  Example:
+    >>> stats = cos_jax.probe(jnp.full((8, 2, 3), 0.75), 1.0)   # ρ = 8
+    >>> stats.spike_count.shape
+    (2, 3)
   """
   stats, _ = _if_scan(currents, threshold, v0, keep_spikes=False)
   return stats
@@ -255,6 +285,15 @@ def shift_v0(v0: Array, stats: ProbeStats, threshold: Array, probe_steps: int,
 
   Returns:
     The shifted initial potential, shaped like ``v0``.
+
+  Example:
+    >>> I = jnp.full((4, 1), 0.25)     # the ANN asks for 1 spike in 4 steps
+    >>> v0 = jnp.ones(1)               # started too high:
+    >>> stats = cos_jax.probe(I, 1.0, v0)
+    >>> stats.spike_count              # one spike too many
+    Array([2.], dtype=float32)
+    >>> cos_jax.shift_v0(v0, stats, 1.0, probe_steps=4)   # down by θ
+    Array([0.], dtype=float32)
   """
   threshold = jnp.asarray(threshold, v0.dtype)
   eps = epsilon * threshold
@@ -295,14 +334,21 @@ def calibrate_layer(currents: Array, threshold: Array, v0: Array | None = None,
     iterations: how many probe/shift rounds (≥ 1; 0 returns ``v0``).
     epsilon: ε as a fraction of θ, in (0, 1).
     saturate: v(0) = +inf for neurons that fired at every probe step and
-      still want more (see :func:`shift_v0`); False leaves them.
+      still want more (see :func:`shift_v0`); False (the default here)
+      leaves them. The network-level :func:`cos_jax.calibrate` and
+      :func:`cos_jax.evaluate_snn` default to ``saturated='fire'``, which is
+      ``saturate=True``; pass ``saturate=True`` to match them.
 
   Returns:
     The calibrated v(0), shaped like ``currents[0]``.
 
   Example:
-    >>> I = jnp.full((4, 1), 0.3)            # ANN: floor(1.2 + .5) = 1 spike
-    >>> cos_jax.calibrate_layer(I, 1.0)      # θ/2 start fires 1 spike already
+    >>> I = jnp.full((4, 1), 0.25)     # the ANN asks for 1 spike in 4 steps
+    >>> v0 = cos_jax.calibrate_layer(I, 1.0, jnp.ones(1))   # from 2 spikes
+    >>> v0, cos_jax.if_neuron(I, 1.0, v0).spike_count
+    (Array([0.], dtype=float32), Array([1.], dtype=float32))
+    >>> cos_jax.calibrate_layer(jnp.full((4, 1), 2.), 1.0, saturate=True)
+    Array([inf], dtype=float32)
   """
   _check_epsilon(epsilon)
   if iterations < 0:
@@ -339,6 +385,11 @@ def offset_spikes(ann_output: Array, spike_count: Array, threshold: Array,
 
   Returns:
     ψ per neuron (an integer-valued float when T is a multiple of L).
+
+  Example:
+    >>> a = cos_jax.qcfs(jnp.array([0.25, 0.5]), 1.0, 4)   # ANN: 1 and 2 of 4
+    >>> cos_jax.offset_spikes(a, jnp.array([1., 1.]), 1.0, 4)
+    Array([0., 1.], dtype=float32)
   """
   threshold = jnp.asarray(threshold, ann_output.dtype)
   return ann_output * time_steps / threshold - spike_count
@@ -349,6 +400,11 @@ def ratio_and_mse(psi: Array, tolerance: float = 1e-3) -> tuple[Array, Array]:
 
   Ratio is the fraction of neurons whose SNN output equals the ANN's (|ψ| below
   ``tolerance``, which absorbs float rounding of a·T/θ); MSE is mean(ψ²).
+
+  Example:
+    >>> ratio, mse = cos_jax.ratio_and_mse(jnp.array([0., 1., 0., -1.]))
+    >>> float(ratio), float(mse)
+    (0.5, 0.5)
   """
   psi = jnp.asarray(psi)
   return jnp.mean(jnp.abs(psi) < tolerance), jnp.mean(psi * psi)

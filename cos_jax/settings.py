@@ -4,8 +4,11 @@
 schedule, ε). It is frozen and hashable: the public functions build it from
 their keyword arguments (or a CLI builds it from its config), and the same
 object travels unchanged into :class:`~cos_jax.activation.SpikingConfig` and,
-as a static argument, into every jitted function. Nothing downstream checks it
-again.
+as a static argument, into every jitted function. Its constructor checks every
+field. Downstream, ``SpikingConfig.__post_init__`` checks only that a pass is
+long enough for the probe (ρ ≤ its steps; the public functions run
+``max(ρ, T)`` steps), and ``neuron.calibrate_layer``, public itself, checks its
+own ``epsilon``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,21 @@ SATURATED_RULES = ('keep', 'fire')
 # Long simulations run in chunks of this many time-steps, carrying every IF
 # layer's membrane potential from one chunk to the next: a linear layer then
 # sees [B·chunk, ...] rows instead of [B·T, ...], which bounds memory by the
-# chunk and keeps a CPU's caches warm (README, "SNN speed and memory").
+# chunk and keeps a CPU's caches warm (docs/performance.md, "SNN speed and
+# memory").
 DEFAULT_TIME_CHUNK = 8
 
 
 class SettingsError(ValueError):
-  """A setting out of range. ``field`` names it; the message is one line."""
+  """A setting out of range. ``field`` names it; the message is one line.
+
+  Example:
+    >>> try:
+    ...   cos_jax.simulate(model, variables, images, T=0)
+    ... except cos_jax.SettingsError as error:
+    ...   print(error.field, '|', error)
+    T | T must be a positive integer, got 0
+  """
 
   def __init__(self, field: str, message: str):
     super().__init__(f'{field} {message}')
@@ -63,6 +75,15 @@ class Calibration:
     saturated: the rule for a neuron that fired at every probe step and still
       wants more spikes: 'fire' (at every later step, as the PyTorch
       reference does; the default) or 'keep' (docs/semantics.md).
+
+  Example:
+    >>> cos_jax.Calibration(rho=4)
+    Calibration(rho=4, iterations=1, schedule='layerwise', epsilon=0.001,
+                saturated='fire')
+    >>> cos_jax.Calibration(rho=0)
+    Traceback (most recent call last):
+    ...
+    cos_jax.settings.SettingsError: rho must be a positive integer, got 0
   """
   rho: int
   iterations: int = 1

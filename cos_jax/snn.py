@@ -32,7 +32,19 @@ PyTree = Any
 
 
 def spiking(model: nn.Module, config: SpikingConfig) -> nn.Module:
-  """The spiking twin of ``model``: same module, same variables, IF neurons."""
+  """The spiking twin of ``model``: same module, same variables, IF neurons.
+
+  Its linear layers run on the time-folded batch, so ``apply`` returns
+  ``[B·T, ...]`` rows, sample-major (row ``b·T + t``); :func:`simulate`
+  unfolds them to ``[T, B, ...]``.
+
+  Example:
+    >>> snn = cos_jax.spiking(model, cos_jax.SpikingConfig(steps=4))
+    >>> apply = lambda v, x: snn.apply(v, x, train=False, mutable=['v0'])
+    >>> out, state = jax.eval_shape(apply, variables, images)   # or jax.jit
+    >>> out.shape, sorted(state['v0'])[:2]      # 2 images x 4 steps
+    ((8, 10), ['Activation_0', 'Activation_1'])
+  """
   return model.clone(spiking=config)
 
 
@@ -163,6 +175,13 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
     The v0 pytree: ``{path...: {'v0': [B, ...neuron shape]}}`` filled with θ/2.
     No forward computation is compiled into the result (shapes come from
     ``jax.eval_shape``).
+
+  Example:
+    >>> v0 = cos_jax.init_v0(model, variables, images)
+    >>> v0['Activation_0']['v0'].shape         # [B, H, W, C], the first layer
+    (2, 28, 28, 32)
+    >>> float(v0['Activation_0']['v0'].max())  # θ/2, θ = 8.0 at init
+    4.0
   """
   config = SpikingConfig(steps=1)
   shapes = jax.eval_shape(
@@ -241,9 +260,17 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
   Raises:
     cos_jax.settings.SettingsError: a setting out of range.
 
+  ``saturated`` defaults to 'fire' here and in :func:`evaluate_snn`, while
+  the per-layer :func:`cos_jax.calibrate_layer` defaults to
+  ``saturate=False`` (the 'keep' rule).
+
   Example:
-    >>> v0 = cos_jax.calibrate(model, variables, images, rho=8)
-    >>> outputs = cos_jax.simulate(model, variables, images, v0, T=4)
+    >>> v0 = cos_jax.calibrate(model, variables, images, rho=4)
+    >>> jax.tree.map(jnp.shape, v0) == jax.tree.map(
+    ...     jnp.shape, cos_jax.init_v0(model, variables, images))
+    True
+    >>> cos_jax.simulate(model, variables, images, v0, T=4).shape
+    (4, 2, 10)
   """
   calibration = Calibration(rho, iterations, schedule, epsilon, saturated)
   check_inputs(variables, images)
@@ -289,6 +316,14 @@ def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
   Returns:
     ``[T, B, num_classes]`` per-step outputs of the last (non-spiking) layer.
     The prediction at time t is ``outputs[:t].mean(0).argmax(-1)``.
+
+  Example:
+    >>> v0 = cos_jax.init_v0(model, variables, images)      # θ/2: the baseline
+    >>> outputs = cos_jax.simulate(model, variables, images, v0, T=4)
+    >>> outputs.shape
+    (4, 2, 10)
+    >>> outputs[:2].mean(0).argmax(-1).shape    # predictions at T = 2
+    (2,)
   """
   T, time_chunk = check_positive_int('T', T), check_time_chunk(time_chunk)
   check_inputs(variables, images)
@@ -336,6 +371,11 @@ class SNNRun(NamedTuple):
     v0: the initial potentials the T-step run started from.
     intermediates: per-layer spike counts / input-current sums over the first
       ``record_steps`` steps (empty dict when not recorded).
+
+  Example:
+    >>> run = cos_jax.evaluate_snn(model, variables, images, T=4, rho=4)
+    >>> run.outputs.shape, run.intermediates
+    ((4, 2, 10), {})
   """
   outputs: jax.Array
   v0: PyTree
@@ -417,6 +457,18 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
 
   Returns:
     :class:`SNNRun` (outputs ``[T, B, C]``, the v0 used, intermediates).
+
+  ``saturated`` defaults to 'fire', as in :func:`calibrate`; the per-layer
+  :func:`cos_jax.calibrate_layer` defaults to ``saturate=False`` ('keep').
+
+  Example:
+    >>> run = cos_jax.evaluate_snn(model, variables, images, T=4, rho=4)
+    >>> run.outputs.shape
+    (4, 2, 10)
+    >>> v0 = cos_jax.calibrate(model, variables, images, rho=4)  # same v(0)
+    >>> outputs = cos_jax.simulate(model, variables, images, v0, T=4)
+    >>> bool(jnp.allclose(run.outputs, outputs, atol=1e-5))
+    True
   """
   check_positive_int('T', T)
   calibration = methods.calibration_for(init, rho, iterations, schedule,

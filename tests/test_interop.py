@@ -166,7 +166,8 @@ def test_cos_spike_counts_match_reference_snn(name):
     assert ours[path].shape == ref[key].shape, (path, key)
     agreement = np.mean(ours[path] == ref[key])
     assert agreement >= 0.999, (path, key, agreement)
-  # For T <= ρ the two rules agree exactly (DESIGN.md §5): same outputs too.
+  # For T <= ρ the two saturated-neuron rules agree exactly
+  # (docs/semantics.md, "Saturated neurons"): same outputs too.
   np.testing.assert_allclose(run.outputs, ref['snn_outputs'], rtol=1e-9,
                              atol=1e-12)
 

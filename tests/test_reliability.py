@@ -7,7 +7,7 @@ Most cases run in-process through the programs' own error handler
 can show: TensorFlow's stderr on a forced-oneDNN CPU, locks that die with
 their process, and SIGKILLs at every phase of an epoch end.
 
-  python -m pytest tests/test_reliability.py -q      # the README's figures
+  python -m pytest tests/test_reliability.py -q   # docs/reliability.md's figures
 """
 
 import json

@@ -177,7 +177,8 @@ def _tf_options() -> tf.data.Options:
   options.deterministic = True  # Parallel map/interleave keep their order.
   # Without the autotuner AUTOTUNE means one worker per core. With it, the
   # end of a split sometimes waited for the autotuner's next wake-up, whose
-  # period doubles from 10 ms up to a minute (README, "What the spikes cost").
+  # period doubles from 10 ms up to a minute (docs/performance.md, "The input
+  # pipeline").
   options.autotune.enabled = False
   return options
 

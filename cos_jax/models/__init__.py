@@ -43,8 +43,11 @@ def get(name: str, *, num_classes: int, levels: int, **kwargs) -> nn.Module:
     A linen module; ``model.apply(variables, images, train=False)`` gives logits.
 
   Example:
-    >>> model = cos_jax.models.get('resnet20', num_classes=10, levels=4)
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    >>> net = cos_jax.models.get('resnet20', num_classes=10, levels=4)
+    >>> shapes = jax.eval_shape(net.init, jax.random.key(0),
+    ...                         jnp.zeros((1, 32, 32, 3)))
+    >>> sorted(shapes), shapes['params']['Activation_0']['threshold'].shape
+    (['batch_stats', 'params'], ())
   """
   if name not in _REGISTRY:
     raise ValueError(f'unknown architecture {name!r}; choose one of '
