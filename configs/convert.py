@@ -33,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_classes = config_dict.placeholder(int)
   config.levels = config_dict.placeholder(int)
   config.dataset = config_dict.placeholder(str)
+  # Or any JAX network of the user's: 'FILE.py:NAME', NAME() returning its
+  # inference function, variables, levels and thresholds (the contract is in
+  # cos_jax/user_model.py; docs/byom.md), converted through cos_jax.trace.
+  # The dataset then comes from `dataset`.
+  config.model = config_dict.placeholder(str)
 
   # Calibration (cos_jax.Calibration): probe steps ρ, probe/shift rounds,
   # 'layerwise' (the paper) or 'global' (network-wide), Theorem-2 ε as a

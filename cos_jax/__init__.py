@@ -16,7 +16,7 @@ from cos_jax.neuron import (IFResult, ProbeStats, calibrate_layer, if_neuron,
 from cos_jax.settings import Calibration, SettingsError
 from cos_jax.snn import (SNNRun, calibrate, evaluate_snn, init_v0, simulate,
                          spiking)
-from cos_jax.trace import trace, with_qcfs
+from cos_jax.traced import trace, with_qcfs
 
 __all__ = [
     'Activation', 'Calibration', 'IFResult', 'ProbeStats', 'SNNRun',

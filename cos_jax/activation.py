@@ -108,7 +108,7 @@ class Activation(nn.Module):
     threshold_init: initial λ (the reference uses 8.0).
     time_major: the spiking layout of the input and output. False (the zoo):
       time folded into the batch, ``[B·T, ...]`` sample-major. True (the
-      traced front end, :mod:`cos_jax.trace`): ``[T, B, ...]``. A static
+      traced front end, :mod:`cos_jax.traced`): ``[T, B, ...]``. A static
       input is ``[B, ...]`` either way.
 
   Example:

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
-from cos_jax import checkpoints, conversion, data, interop, report, runtime
+from cos_jax import (checkpoints, conversion, data, interop, report, runtime,
+                     user_model)
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
@@ -27,7 +28,7 @@ def output_dir(config) -> str:
   """The config's output directory, checked to be creatable and writable."""
   path = config.output_dir
   if not path:
-    source = config.torch_checkpoint or config.workdir
+    source = config.model or config.torch_checkpoint or config.workdir
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     name = name or 'run'
     path = os.path.join('results', f'{name}_rho{config.rho}_T{config.T}')
@@ -133,7 +134,7 @@ def convert(config) -> dict:
       say()
       say(report.format_cost_layers(result, settings))
     meta = {'source': os.path.abspath(source(config)),
-            'workdir': (None if config.torch_checkpoint
+            'workdir': (None if config.torch_checkpoint or config.model
                         else os.path.abspath(config.workdir)),
             'checkpoint': config.checkpoint,
             'checkpoint_step': restored.step,
@@ -155,6 +156,8 @@ def convert(config) -> dict:
 def source(config) -> str:
   """What ``config`` converts: its PyTorch checkpoint, or its workdir's
   best/latest checkpoint."""
+  if config.model:
+    return config.model
   if config.torch_checkpoint:
     return config.torch_checkpoint
   return os.path.join(config.workdir, config.checkpoint)
@@ -162,6 +165,11 @@ def source(config) -> str:
 
 def load(config) -> checkpoints.Restored:
   """The network ``config`` converts (:func:`source`)."""
+  if config.model:
+    if config.torch_checkpoint:
+      raise SettingsError('model', 'and --torch_checkpoint name two networks: '
+                          'pass one')
+    return user_model.restore(config.model, dataset=config.dataset)
   if config.torch_checkpoint:
     return interop.restore(config.torch_checkpoint, arch=config.arch,
                            num_classes=config.num_classes,

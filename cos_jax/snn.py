@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
-from cos_jax.trace import check_model
+from cos_jax.traced import check_model
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
                               Calibration, check_positive_int,
                               check_time_chunk)
