@@ -110,6 +110,9 @@ class Activation(nn.Module):
       time folded into the batch, ``[B·T, ...]`` sample-major. True (the
       traced front end, :mod:`cos_jax.traced`): ``[T, B, ...]``. A static
       input is ``[B, ...]`` either way.
+    plain_relu: the ANN is a plain ReLU (no quantisation, no clip) instead
+      of QCFS, for networks converted without QCFS training; its threshold
+      is then set by balancing (``cos_jax.balance_thresholds``), not trained.
 
   Example:
     >>> act = cos_jax.Activation(levels=4)            # the ANN: QCFS, λ = 8
@@ -122,13 +125,15 @@ class Activation(nn.Module):
   static_input: bool = False
   threshold_init: float = 8.0
   time_major: bool = False
+  plain_relu: bool = False
 
   @nn.compact
   def __call__(self, x):
     threshold = self.param('threshold', nn.initializers.constant(
         self.threshold_init), (), jnp.float32)
     if self.spiking is None:
-      out = neuron.qcfs(x, threshold, self.levels)
+      out = (jax.nn.relu(x) if self.plain_relu
+             else neuron.qcfs(x, threshold, self.levels))
       self.sow('intermediates', 'ann_output', out)
       return out
     return self._spike(x, threshold.astype(x.dtype))

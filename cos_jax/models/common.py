@@ -43,12 +43,15 @@ class QCFSNet(nn.Module):
     conv_impl: 'auto' (each conv picks its fastest exact form on the backend,
       :mod:`cos_jax.conv`) or 'lax' (always ``lax.conv_general_dilated``, for
       comparisons). The parameters are the same either way.
+    plain_relu: every slot is a plain ReLU in the ANN (a network trained
+      without QCFS; its SNN thresholds come from balancing).
   """
   num_classes: int = 10
   levels: int = 4
   spiking: SpikingConfig | None = None
   threshold_init: float = 8.0
   conv_impl: str = 'auto'
+  plain_relu: bool = False
 
   def layers(self, train: bool) -> Layers:
     return Layers(
@@ -59,7 +62,8 @@ class QCFSNet(nn.Module):
         norm=functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=0.9, epsilon=1e-5),
         act=functools.partial(Activation, self.levels, self.spiking,
-                              threshold_init=self.threshold_init))
+                              threshold_init=self.threshold_init,
+                              plain_relu=self.plain_relu))
 
 
 def avg_pool(x, size: int = 2, stride: int | None = None, padding='VALID'):
