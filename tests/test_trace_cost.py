@@ -96,15 +96,15 @@ def test_analyse_reads_the_same_network_off_the_jaxpr(name):
 
 
 def test_conversion_counts_the_same_sops_in_float64():
-  """convert_and_evaluate's cost summary (COS layerwise with ρ = 4 > T = 2
-  and the θ/2 baseline; SOPs, energies, rates per layer and t) is identical
+  """convert_and_evaluate's cost summary (COS, layerwise, ρ = 4 > T = 2:
+  SOPs, energies, rates per layer and t, MACs, fan-out means) is identical
   for the traced and the zoo small net, float64."""
   with jax.enable_x64(True):
     model, variables, traced, traced_variables, image, prefix = (
         _zoo_and_traced('small'))
     images = np.random.default_rng(0).uniform(0, 1, (4,) + image)
     config = convert_config.get_config()
-    config.update(rho=4, T=2, init='cos,half', time_chunk=2)
+    config.update(rho=4, T=2, init='cos', time_chunk=2, analysis_T=2)
     settings = conversion.ConversionSettings.from_config(config)
     batches = [{'image': images, 'label': np.arange(4)}]
     mesh = runtime.make_mesh(jax.devices()[:1])
