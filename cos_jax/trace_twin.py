@@ -113,6 +113,27 @@ def _macs(eqn) -> int:
   return math.prod(out) * math.prod(lhs[d] for d in contract)
 
 
+def _channel_dense(eqn, data) -> bool:
+  """A conv of data by a const kernel, every output feature reading every
+  input feature."""
+  return (eqn.primitive.name == 'conv_general_dilated' and data[0]
+          and eqn.params['feature_group_count'] == 1
+          and eqn.params['batch_group_count'] == 1)
+
+
+def _collapsed_conv(eqn, x, out):
+  """An all-ones conv of ``x`` (channel-dense): every output feature is the
+  same window sum of ``x`` summed over its features, so that sum is
+  convolved with a one-feature kernel and broadcast (as the zoo twin does,
+  at a conv's cost over one channel)."""
+  spec = eqn.params['dimension_numbers']
+  summed = jnp.sum(x, axis=spec.lhs_spec[1], keepdims=True)
+  kernel = list(eqn.invars[1].aval.shape)
+  kernel[spec.rhs_spec[0]] = kernel[spec.rhs_spec[1]] = 1
+  y, = jaxpr_walk.bind(eqn, [summed, jnp.ones(kernel, x.dtype)])
+  return jnp.broadcast_to(y, out.shape).astype(out.dtype)
+
+
 def _walk(model: TracedModel, net, images, site_outputs):
   """The twin on ``images`` (batch 1 in the counts): each site outputs
   ``site_outputs(name, input)``. Returns ({site or OUTPUT: its input},
@@ -143,8 +164,10 @@ def _walk(model: TracedModel, net, images, site_outputs):
       if all(data):
         _refuse(eqn, f'{primitive} of two such values')
       k = data.index(True)
-      pattern = [x if d else jnp.ones_like(x) for x, d in zip(xs, data)]
       linear_inputs[linear], macs[linear] = xs[k], _macs(eqn)
+      if _channel_dense(eqn, data):
+        return [Data(_collapsed_conv(eqn, xs[0], avals[0]))]
+      pattern = [x if d else jnp.ones_like(x) for x, d in zip(xs, data)]
       return [Data(y) for y in jaxpr_walk.bind(eqn, pattern)]
     if primitive in _SUMS:
       total = sum(jnp.broadcast_to(x, avals[0].shape) for x, d in
