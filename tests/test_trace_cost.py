@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import conversion, cost, runtime, snn, trace_twin
+from cos_jax import conversion, cost, jaxpr_walk, runtime, snn, trace_twin
 from cos_jax.activation import Activation
 from cos_jax.settings import Calibration
 from configs import convert as convert_config
@@ -185,3 +185,72 @@ def test_linear_layers_without_a_module_path_are_named_in_trace_order():
   np.testing.assert_array_equal(network.fanout['relu_0'], 3)
   assert trace_twin.is_traced(traced) and not trace_twin.is_traced(
       cos_jax.models.get('small', num_classes=10, levels=4))
+
+
+def _beyond_the_zoo(p, x):
+  """A plain-JAX net with what no zoo model has: a depthwise stride-2 conv
+  with asymmetric padding, a channel concatenation of two paths (one a
+  VALID average pool that drops a column), a transpose and an einsum."""
+  conv = lambda v, w, **kw: jax.lax.conv_general_dilated(
+      v, w, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), **kw)
+  h = jax.nn.relu(conv(x, p['w0'], window_strides=(1, 1), padding='SAME'))
+  d = conv(h, p['dw'], window_strides=(2, 2), padding=((1, 1), (0, 1)),
+           feature_group_count=4)
+  g = jax.nn.relu(d * p['s'] - p['b'])
+  pooled = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2, 2, 1),
+                                 (1, 2, 2, 1), 'VALID') / 4
+  cat = jnp.concatenate([g, pooled], -1)
+  flat = jnp.transpose(cat, (0, 3, 1, 2)).reshape(len(x), -1)
+  return jnp.einsum('bi,io->bo', flat, p['w2'])
+
+
+def _jacobian_fanouts(traced, variables, image):
+  """Oracle: per site, the nonzero entries of the Jacobian of every site's
+  input and the logits with respect to its output (the real equations,
+  random weights; sites output what they are given)."""
+  net = variables['params']['net']
+  closed = traced.program.jaxpr(net, jnp.zeros((1,) + image))
+  shapes = {}
+  jaxpr_walk.evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(
+      (net, jnp.zeros((1,) + image))), apply=jaxpr_walk.bind,
+      site=lambda k, x: shapes.setdefault(traced.sites[k], x.shape[1:]) and x)
+
+  def targets(outputs):
+    inputs = []
+
+    def site(k, x):
+      inputs.append(x.reshape(-1))
+      return outputs[traced.sites[k]][None]
+    logits, = jaxpr_walk.evaluate(
+        closed.jaxpr, closed.consts, jax.tree.leaves(
+            (net, jnp.zeros((1,) + image))), site=site, apply=jaxpr_walk.bind)
+    return jnp.concatenate(inputs + [logits.reshape(-1)])
+  jacobians = jax.jacfwd(targets)({n: jnp.zeros(s) for n, s in
+                                   shapes.items()})
+  return {n: np.asarray((j != 0).sum(0)) for n, j in jacobians.items()}
+
+
+def test_fanouts_beyond_the_zoo_match_the_jacobian():
+  rng = np.random.default_rng(5)
+  p = {'w0': rng.standard_normal((3, 3, 2, 4)),
+       'dw': rng.standard_normal((3, 3, 1, 4)),
+       's': rng.uniform(0.5, 1.5, 4), 'b': rng.uniform(0.5, 1.5, 4),
+       'w2': rng.standard_normal((48, 5))}
+  p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  image = (6, 5, 2)
+  traced, variables = cos_jax.trace(_beyond_the_zoo, p, jnp.ones(
+      (2,) + image), levels=4)
+  network = cost.analyse(traced, variables, image)
+  assert network.targets == {'relu_0': ('output', 'relu_1'),
+                             'relu_1': ('output',)}
+  oracle = _jacobian_fanouts(traced, variables, image)
+  for name, expected in oracle.items():
+    np.testing.assert_array_equal(np.broadcast_to(
+        network.fanout[name][..., None], expected.shape), expected,
+                                  err_msg=name)
+  assert oracle['relu_0'][0, 4, 0] < oracle['relu_0'][0, 3, 0]  # dropped
+  # A depthwise tap reads one channel; einsum names its scope by its spec.
+  assert network.ann_macs == {'conv_general_dilated_0': 6 * 5 * 4 * 18,
+                              'conv_general_dilated_1': 3 * 2 * 4 * 9,
+                              'bi,io->bo': 48 * 5}
+  assert network.input_macs == 6 * 5 * 4 * 18
