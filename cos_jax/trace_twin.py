@@ -11,15 +11,20 @@ values of two kinds:
   nonnegative array whose nonzero entries are the positions a probe reaches;
 * *const*: depends on the parameters alone; computed as the model does.
 
-On data, ``conv_general_dilated`` and ``dot_general`` with one data operand
-become the same operation of ``|x|`` with an all-ones kernel (same strides,
-padding, dilation, groups, contraction): the 0/1 connection pattern, which
-is what a linear layer is for cost counting. A product or quotient by a
-const (BatchNorm's scale, average pooling's 1/n) is the identity; adding a
-const (a bias, BatchNorm's shift) keeps the data operand alone; adding or
-subtracting two data values is ``|a| + |b|`` (a residual join). Reductions,
-reshapes, pooling sums, transposes, pads, slices and concatenations apply
-as they are. Anything else on data is refused in one line.
+The image enters as ``|image|``. On data, ``conv_general_dilated`` and
+``dot_general`` with one data operand are the linear layers: the same
+operation (strides, padding, dilation, groups, contraction) with an all-ones
+kernel, the 0/1 connection pattern (a channel-dense conv over the feature
+sum with a one-feature kernel, broadcast, as the zoo twin computes it); its
+MACs are recorded from the equation's shapes. A product or quotient by a
+const (BatchNorm's scale, average pooling's 1/n) and a negation are the
+identity; adding a const (a bias, BatchNorm's shift) keeps the data operand
+alone; adding or subtracting two data values is ``|a| + |b|`` (a residual
+join). Reductions, reshapes, window sums, transposes, pads, slices, gathers,
+concatenations and ``select_n`` on a const condition apply as they are, a
+const in a value slot taken as zero. Calls are inlined; anything else on
+data is refused in one line that names the operation and the source line.
+Sites output their probes, whatever their input, as in the zoo twin.
 """
 
 from __future__ import annotations
