@@ -121,6 +121,11 @@ def test_nnx_cnn_trains_with_qcfs_and_cos_beats_half_at_t1(nnx_run):
   assert ns['net'].sites == ('relu_0', 'relu_1')  # NNX pushes no name stack
   # BatchNorm statistics came back through with_qcfs and were updated.
   _check_updated(ns['stats'])
+  # The table reads T = 1 off a T = 8 run: a run of T = 1 agrees.
+  run = cos_jax.evaluate_snn(ns['net'], ns['net_vars'], ns['x_test'], T=1,
+                             init='cos', rho=4)
+  correct = run.outputs[0].argmax(-1) == ns['y_test']
+  assert 100 * float(correct.mean()) == pytest.approx(results['cos'][1])
   print('NNX', results)
 
 
