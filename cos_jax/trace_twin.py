@@ -3,7 +3,7 @@
 ``cos_jax.fanout`` finds fan-outs by running a network's *connectivity twin*:
 the forward pass with every conv and dense layer replaced by its 0/1
 connection pattern. A zoo model's twin intercepts its Flax modules; a
-:class:`~cos_jax.trace.TracedModel` has none, so its twin evaluates the
+:class:`~cos_jax.traced.TracedModel` has none, so its twin evaluates the
 traced jaxpr equation by equation (:func:`cos_jax.jaxpr_walk.evaluate`) on
 values of two kinds:
 
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from cos_jax import jaxpr_walk
-from cos_jax.trace import NET, TracedModel
+from cos_jax.traced import NET, TracedModel
 
 OUTPUT = 'output'  # as cos_jax.fanout.OUTPUT
 LINEAR = ('conv_general_dilated', 'dot_general')

@@ -257,8 +257,9 @@ def trace(fn: Callable, variables: PyTree, images, *, levels: int,
 
   Returns:
     ``(model, net_variables)``: ``model.sites`` names the sites in trace
-    order (JAX's name stack, the Flax or Equinox module path, where there is
-    one, else ``relu_<k>``); ``net_variables = {'params': {'net': variables,
+    order by JAX's name stack where there is one (a Linen module path;
+    ``vmap()/...`` under ``jax.vmap``), else ``relu_<k>`` (NNX pushes no
+    name stack); ``net_variables = {'params': {'net': variables,
     site: {'threshold': θ}, ...}}``; ``model.apply(net_variables, images)``
     is the QCFS ANN's logits, differentiable in both. ``model`` goes
     wherever a zoo model does (``cos_jax.calibrate``, ``simulate``,
