@@ -57,7 +57,7 @@ def test_a_users_model_converts_like_a_zoo_net(model_file, tmp_path, capfd):
     assert (out / name).is_file(), name
   result = json.loads((out / 'results.json').read_text())
   assert result['examples'] == 64
-  assert set(result['snn']) == {'cos', 'half'}
+  assert set(result['curves']) == {'cos', 'half'}
   assert result['model'] == 'mynet.py:model'
   assert os.path.isfile(model_file)  # the user's file is untouched
 
