@@ -31,6 +31,10 @@ _CONFIG = cli.define_config(
 _HOST_DEVICES = flags.DEFINE_integer(
     'host_devices', 0, 'Number of XLA CPU devices to split the host into '
     '(0 = one per core). Only affects runs on the CPU backend.', lower_bound=0)
+_RESTART = flags.DEFINE_bool(
+    'restart', False, 'Train from step 0 in a --workdir that train.py wrote '
+    'before, deleting its checkpoints and log (a finished run, or a copy of '
+    'a shipped one). Without it a run resumes from its latest checkpoint.')
 _PROCESS_FLAGS = cli.define_process_flags()
 
 flags.mark_flags_as_required(['workdir'])
@@ -40,7 +44,8 @@ def main(argv):
   del argv
   cli.start(_HOST_DEVICES.value, _PROCESS_FLAGS)
   with cli.one_line_errors('train.py'):
-    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 restart=_RESTART.value)
 
 
 if __name__ == '__main__':

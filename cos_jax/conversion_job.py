@@ -17,24 +17,27 @@ import jax
 import numpy as np
 import tqdm
 
-from cos_jax import checkpoints, conversion, data, interop, report, runtime
+from cos_jax import (checkpoints, conversion, data, interop, ownership, report,
+                     runtime)
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
 
 
 def output_dir(config) -> str:
-  """The config's output directory, checked to be creatable and writable."""
+  """The config's output directory, checked before any work: a new path, an
+  empty directory or one convert.py wrote (:func:`cos_jax.ownership.
+  check_output_dir`; the results replace it as a whole, so nothing else may
+  be there), and writable."""
   path = config.output_dir
   if not path:
     source = config.torch_checkpoint or config.workdir
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     name = name or 'run'
     path = os.path.join('results', f'{name}_rho{config.rho}_T{config.T}')
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise SettingsError('output_dir', f'{path} exists and is not a directory: '
-                        'pass another --output_dir')
-  parent = os.path.dirname(os.path.abspath(path))
+  protected = [config.torch_checkpoint or config.workdir, config.data_dir]
+  path = ownership.check_output_dir(path, report.FILES, protected)
+  parent = os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent) or not os.access(
