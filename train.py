@@ -18,6 +18,7 @@ import os
 from absl import app
 from absl import flags
 
+from configs import default as default_config
 from cos_jax import cli, training
 
 _WORKDIR = flags.DEFINE_string(
@@ -49,4 +50,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('train.py'))
+  app.run(main, flags_parser=cli.flags_parser(
+      'train.py', default_config.get_config()))

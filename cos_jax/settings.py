@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+import numpy as np
 
 from cos_jax.neuron import DEFAULT_EPSILON
 
@@ -38,15 +41,25 @@ class SettingsError(ValueError):
 
 
 def check_positive_int(field: str, value) -> int:
-  """Returns ``value`` if it is an int ≥ 1 (bools are not), else raises."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  """``value`` as an int if it is an integer ≥ 1 (Python's or NumPy's, e.g.
+  ``np.int64(4)``; bools are not), else raises SettingsError."""
+  if (isinstance(value, (bool, np.bool_))
+      or not isinstance(value, numbers.Integral) or value < 1):
     raise SettingsError(field, f'must be a positive integer, got {value!r}')
-  return value
+  return int(value)
 
 
 def check_time_chunk(value) -> int | None:
   """A time chunk is None (one block) or a positive int."""
   return None if value is None else check_positive_int('time_chunk', value)
+
+
+def block_steps(T: int, probe_steps: int, time_chunk: int | None,
+                record_steps: int = 0) -> int:
+  """Steps of the longest block a run of ``T`` steps folds at once."""
+  total = max(T, probe_steps)
+  first = max(time_chunk or total, probe_steps, record_steps)
+  return min(total, first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +84,9 @@ class Calibration:
   saturated: str = DEFAULT_SATURATED
 
   def __post_init__(self):
-    check_positive_int('rho', self.rho)
-    check_positive_int('iterations', self.iterations)
+    object.__setattr__(self, 'rho', check_positive_int('rho', self.rho))
+    object.__setattr__(self, 'iterations',
+                       check_positive_int('iterations', self.iterations))
     if self.schedule not in SCHEDULES:
       raise SettingsError('schedule', f'must be one of {", ".join(SCHEDULES)}'
                           f', got {self.schedule!r}')
