@@ -115,9 +115,13 @@ class ModelFacts(NamedTuple):
   step_bytes: int
 
 
-def model_facts(model: nn.Module, variables, image_shape) -> ModelFacts:
+def model_facts(model: nn.Module, variables, image_shape,
+                batch_shape: tuple | None = None) -> ModelFacts:
   """:class:`ModelFacts` of ``model`` on images of ``image_shape`` (no batch
   axis), cached by the shapes.
+
+  Given the ``batch_shape`` the images came in, a refusal says whether they
+  lack their batch axis (whether the model takes one image of that shape).
 
   Raises:
     ValueError: images of that shape do not fit the variables (the message
@@ -128,7 +132,15 @@ def model_facts(model: nn.Module, variables, image_shape) -> ModelFacts:
   leaves, treedef = jax.tree.flatten(variables)
   abstract = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
                    for x in leaves)
-  return _model_facts(model, treedef, abstract, tuple(image_shape))
+  try:
+    return _model_facts(model, treedef, abstract, tuple(image_shape))
+  except ValueError:
+    if batch_shape and _fits(model, jax.tree.unflatten(treedef, abstract),
+                             tuple(batch_shape)):
+      raise ValueError(
+          f'images of shape {tuple(batch_shape)} have no batch axis: the model takes one '
+          'image of that shape; pass images[None]') from None
+    raise
 
 
 @functools.lru_cache(maxsize=64)
@@ -144,10 +156,6 @@ def _model_facts(model, treedef, abstract, image_shape) -> ModelFacts:
         lambda v, x: model.clone(spiking=SpikingConfig(steps=1)).apply(
             v, x, train=False, mutable=['v0']), variables, image)
   except Exception as e:  # pylint: disable=broad-except
-    if len(image_shape) > 1 and _fits(model, variables, image_shape):
-      raise ValueError(
-          f'images of shape {image_shape} have no batch axis: the model takes '
-          'one image of that shape; pass images[None]') from None
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     line = line.split(' (https://')[0][:240]
     raise ValueError(

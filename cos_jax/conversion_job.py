@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
-from cos_jax import (checkpoints, conversion, data, interop, ownership, report,
-                     runtime)
+from cos_jax import (checkpoints, checks, conversion, data, interop,
+                     ownership, report, runtime)
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
@@ -45,6 +45,23 @@ def output_dir(config) -> str:
     raise SettingsError('output_dir', f'{path} is not writable: pass another '
                         '--output_dir')
   return path
+
+
+def check_length(settings: ConversionSettings, analysis_T: int) -> None:
+  """Refuses a run whose simulated time-steps per image (every method's
+  run and its ρ·iterations probe steps, the analysis) exceed
+  :func:`cos_jax.checks.max_steps`, naming the longest setting."""
+  calibration = settings.calibration
+  candidates = [('T', settings.T), ('analysis_T', analysis_T),
+                ('iterations' if calibration.iterations > 1 else 'rho',
+                 calibration.rho * calibration.iterations)]
+  field, _ = max(candidates, key=lambda item: item[1])
+  value = {'T': settings.T, 'analysis_T': analysis_T, 'rho': calibration.rho,
+           'iterations': calibration.iterations}[field]
+  probes = sum(calibration.rho * calibration.iterations
+               for name in settings.methods if settings.calibration_of(name))
+  checks.check_steps(field, value,
+                     conversion.image_steps(settings, analysis_T) + probes)
 
 
 def _batches(config, dataset: str, split: str, rows: int, image_shape):
@@ -86,9 +103,11 @@ def convert(config) -> dict:
   if config.checkpoint not in ('best', 'latest'):
     raise SettingsError('checkpoint', f"must be 'best' or 'latest', got "
                         f'{config.checkpoint!r}')
+  check_length(settings, settings.analysis_T or 1)
   out = output_dir(config)
   restored = load(config)
   train_config, model = restored.config, restored.model
+  check_length(settings, settings.analysis_T or model.levels)
   spec = data.dataset_info(train_config.dataset)
   split = config.split or spec.test_split
   total = spec.split_sizes.get(split)
