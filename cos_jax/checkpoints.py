@@ -108,8 +108,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
     True if the run resumes from a step checkpoint.
 
   Raises:
-    ConfigError: the workdir is a file or a symlink, holds a file train.py did
-      not write, holds train.py's files but no config.json, holds a run the
+    ConfigError: the workdir is a file, a symlink or not writable, holds a
+      file train.py did not write, holds train.py's files but no config.json, holds a run the
       config would change (:func:`cos_jax.train_config.check_resume`), or
       holds checkpoints but no step checkpoint to resume from.
     CheckpointError: its config.json is unreadable.
@@ -119,6 +119,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
                       'it points to')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} is a file: pass a directory')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    raise ConfigError(f'--workdir {workdir} is not writable ({existing} is '
+                      'read-only to this user): pass another --workdir')
   if not os.path.exists(workdir):
     return False
   foreign = ownership.foreign_entries(workdir, TRAIN_NAMES)
