@@ -51,6 +51,19 @@ _DATA_ERRORS = {
 }
 
 
+# How a program spells a config field on its command line (convert.py has
+# a flag per field, --rho; train.py only --config.<field>).
+_FIELD_FLAGS = {'train.py': '--config.{}'}
+
+
+def field_flag(program: str, field: str) -> str:
+  """The flag that sets config ``field`` in ``program`` (``config`` itself
+  is always ``--config``)."""
+  if field == 'config':
+    return '--config'
+  return _FIELD_FLAGS.get(program, '--{}').format(field)
+
+
 class Terminated(BaseException):
   """SIGTERM arrived (raised in the main thread, like KeyboardInterrupt)."""
 
@@ -182,7 +195,7 @@ def flags_parser(program: str, defaults=None):
           try:
             check_config_type(config, defaults)
           except SettingsError as e:
-            fail(program, f'--{e.field} {e.message}')
+            fail(program, f'{field_flag(program, e.field)} {e.message}')
         config.keys()  # a failed config load raises
     except Exception as e:  # pylint: disable=broad-except
       # ml_collections puts the cause (e.g. "No such file") on the last line.
@@ -244,7 +257,7 @@ def one_line_errors(program: str):
   try:
     yield
   except SettingsError as e:
-    fail(program, f'--{e.field} {e.message}')
+    fail(program, f'{field_flag(program, e.field)} {e.message}')
   except USAGE_ERRORS as e:
     fail(program, first_line(e, 500))
   except KeyboardInterrupt:
