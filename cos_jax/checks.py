@@ -71,18 +71,21 @@ def _concrete(x) -> bool:
   return not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                            for x in jax.tree.leaves(tree)] or [True]))
+@functools.partial(jax.jit, static_argnames='allow_inf')
+def _all_valid(tree, allow_inf: bool) -> jax.Array:
+  test = (lambda x: ~jnp.isnan(x)) if allow_inf else jnp.isfinite
+  return jnp.all(jnp.array([jnp.all(test(x)) for x in jax.tree.leaves(tree)]
+                           or [True]))
 
 
-def check_finite(name: str, tree) -> None:
-  """ValueError if a concrete ``tree`` holds NaN or ±inf (tracers pass)."""
+def check_finite(name: str, tree, allow_inf: bool = False) -> None:
+  """ValueError if a concrete ``tree`` holds NaN, or ±inf unless
+  ``allow_inf`` (tracers pass)."""
   leaves = [x for x in jax.tree.leaves(tree) if _concrete(x)]
-  if leaves and not bool(runtime.to_host(_all_finite(leaves))):
-    raise ValueError(f'{name} holds non-finite values (NaN or inf): the IF '
-                     'network would silently turn them into spikes or none')
+  if leaves and not bool(runtime.to_host(_all_valid(leaves, allow_inf))):
+    raise ValueError(
+        f'{name} holds NaN' + ('' if allow_inf else ' or inf') + ': the IF '
+        'network would silently turn it into spikes or none')
 
 
 def check_images(images) -> None:
@@ -182,7 +185,7 @@ def _fits(model, variables, image_shape) -> bool:
 
 def check_v0(v0: Any, facts: ModelFacts, batch: int) -> None:
   """ValueError unless ``v0``'s leaves are those of :func:`cos_jax.init_v0`
-  for this model and a batch of ``batch``, and (where concrete) finite."""
+  for this model and a batch of ``batch``, and (where concrete) not NaN."""
   expected = {path: (batch,) + shape[1:] for path, shape in facts.v0.items()}
   try:
     got = {jax.tree_util.keystr(p): tuple(np.shape(x))
@@ -201,7 +204,9 @@ def check_v0(v0: Any, facts: ModelFacts, batch: int) -> None:
       raise ValueError(
           f'v0{path} has shape {got[path]}, expected {shape} for a batch of '
           f'{batch}: a v0 is per image, compute it for these images')
-  check_finite('v0', v0)
+  # +inf is a calibrated value (a saturated neuron fires at every step,
+  # neuron.shift_v0) and -inf silences a neuron: only NaN means nothing.
+  check_finite('v0', v0, allow_inf=True)
 
 
 def run_bounds(T: int, calibration: Calibration | None,

@@ -144,6 +144,11 @@ REFUSED_CONVERSIONS = {
     'analysis_T 0': ({'analysis_T': 0}, ['--analysis_T']),
     'analysis_T huge (memory)': ({'analysis_T': 1000000},
                                  ['--analysis_T', 'GiB']),
+    'T huge (time)': ({'T': 1000000}, ['--T', 'COS_JAX_MAX_STEPS']),
+    'iterations huge (time)': ({'iterations': 100000},
+                               ['--iterations', 'bound']),
+    'analysis_T huge (time)': ({'analysis_T': 1000000},
+                               ['--analysis_T', 'bound']),
     'time_chunk negative': ({'time_chunk': -1}, ['--time_chunk']),
     'batch_size 0': ({'batch_size': 0}, ['--batch_size']),
     'batch_size negative': ({'batch_size': -4}, ['--batch_size']),
@@ -159,11 +164,14 @@ REFUSED_CONVERSIONS = {
 
 @pytest.mark.parametrize('name', sorted(REFUSED_CONVERSIONS))
 def test_refused_conversion_leaves_the_old_results(tiny, tmp_path, capfd,
-                                                   name):
+                                                   monkeypatch, name):
   fields, words = REFUSED_CONVERSIONS[name]
+  if '(memory)' in name:  # past the bound on time, to reach the memory check
+    monkeypatch.setenv('COS_JAX_MAX_STEPS', str(10**9))
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'results.json').write_text('previous')
+  (out / ownership.RESULTS_MARKER).write_text('')  # convert.py wrote it
   before = snapshot(out)
   fields = {'workdir': str(tiny), 'output_dir': str(out),
             'num_examples': 64, **fields}
@@ -843,13 +851,13 @@ HOSTILE_LIBRARY_CASES = {
         m, v, x, {'a': [1, 2]}, rho=2), 'v0 has no leaf'),
     'NaN v0': (lambda m, v, x: cos_jax.simulate(
         m, v, x, jax.tree.map(lambda a: a * np.nan, cos_jax.init_v0(m, v, x)),
-        T=2), 'v0 holds non-finite'),
+        T=2), 'v0 holds NaN'),
     'NaN images (evaluate_snn)': (lambda m, v, x: cos_jax.evaluate_snn(
         m, v, x.at[0, 0, 0, 0].set(np.nan), T=2, rho=2),
-                                  'images holds non-finite'),
+                                  'images holds NaN or inf'),
     'infinite images (evaluate_snn)': (lambda m, v, x: cos_jax.evaluate_snn(
         m, v, x.at[1, 2, 3, 0].set(np.inf), T=2, rho=2),
-                                       'images holds non-finite'),
+                                       'images holds NaN or inf'),
     'wrong image size': (lambda m, v, x: cos_jax.simulate(
         m, v, jnp.ones((2, 32, 32, 1)), T=2), 'images of shape'),
     'wrong channels (calibrate)': (lambda m, v, x: cos_jax.calibrate(
