@@ -133,8 +133,8 @@ def check_inputs(variables: PyTree, images, model: nn.Module | None = None,
   images that are not an array with a batch axis or do not fit the model's
   variables, variables without 'params', a threshold that is not finite and
   > 0, a v0 whose leaves are not those of this model and batch, non-finite
-  images, NaN in v0 (+inf is a calibrated value), a run longer than :func:`cos_jax.checks.max_steps`, or a
-  block larger than the memory available.
+  images, NaN in v0 (+inf is a calibrated value), a run longer than
+  :func:`cos_jax.checks.max_steps`, or a block larger than the memory.
 
   Args:
     steps: ``(field, value, time-steps per image)`` of the settings that set
