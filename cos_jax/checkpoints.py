@@ -101,17 +101,18 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
   """Checks that ``workdir`` is new, or holds only what train.py wrote.
 
   A run is resumed from its latest step checkpoint. A workdir with a best
-  checkpoint but no step checkpoint (a copy of a shipped run) or a finished
-  run is trained again from step 0 only with ``restart``.
+  checkpoint but no ``checkpoints/`` (a copy of a shipped run) is trained
+  again from step 0 only with ``restart``.
 
   Returns:
     True if the run resumes from a step checkpoint.
 
   Raises:
     ConfigError: the workdir is a file, a symlink or not writable, holds a
-      file train.py did not write, holds train.py's files but no config.json, holds a run the
-      config would change (:func:`cos_jax.train_config.check_resume`), or
-      holds checkpoints but no step checkpoint to resume from.
+      file train.py did not write, holds train.py's files but no
+      config.json, holds a run the config would change
+      (:func:`cos_jax.train_config.check_resume`), or holds a best checkpoint
+      but no ``checkpoints/``.
     CheckpointError: its config.json is unreadable.
   """
   if os.path.islink(workdir):
@@ -142,9 +143,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
   if restart:
     return False
   steps = finalized_steps(os.path.join(workdir, CHECKPOINT_DIR))
-  if finalized_steps(os.path.join(workdir, BEST_DIR)) and not steps:
+  # A run creates checkpoints/ before its first step; a best checkpoint
+  # without it is a shipped or exported run, not one killed early.
+  if (finalized_steps(os.path.join(workdir, BEST_DIR))
+      and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))):
     raise ConfigError(f'--workdir {workdir} holds a best checkpoint but no '
-                      'step checkpoint to resume from: pass --restart to '
+                      f'{CHECKPOINT_DIR}/ to resume from: pass --restart to '
                       'train it again from step 0 (its checkpoints and log '
                       'are deleted), or use a new --workdir')
   if steps:
