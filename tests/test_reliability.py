@@ -649,7 +649,8 @@ def test_output_dir_on_a_mount_point_is_refused(tmp_path, capfd,
   real = os.path.ismount
   monkeypatch.setattr(os.path, 'ismount',
                       lambda p: os.path.abspath(p) == str(mount) or real(p))
-  code, err = convert_in_process(capfd, output_dir=str(mount))
+  code, err = convert_in_process(capfd, output_dir=str(mount),
+                                 num_examples=8, T=2, rho=2)
   expect_usage_error(err, code, '--output_dir', 'mount point')
 
 
@@ -735,17 +736,24 @@ def test_training_refuses_a_workdir_it_did_not_write(scratch, capfd):
                                b'"experiment"}\n'}
 
 
+def test_a_run_with_a_user_file_added_is_refused(tiny, tmp_path, capfd):
+  workdir = Path(_variant(tiny, tmp_path, lambda w: None))
+  (workdir / 'notes.txt').write_text('lr 0.1 was too high')
+  before = contents(workdir)
+  code, err = train_in_process(capfd, workdir)
+  expect_usage_error(err, code, "'notes.txt'", 'did not write',
+                     program='train.py')
+  assert contents(workdir) == before
+
+
 def test_a_copy_of_a_shipped_run_needs_restart(scratch, capfd):
   """The shipped run has a best checkpoint and a long log, but no step
   checkpoint: training it again would start from step 0, so it must be
   asked for."""
   run = scratch / 'run'
   before = contents(run)
-  config = json.loads((run / 'config.json').read_text())
-  fields = {k: config[k] for k in ('batch_size', 'eval_batch_size', 'epochs',
-                                   'num_train_examples', 'num_test_examples')
-            if k in config}
-  code, err = train_in_process(capfd, run, **fields)
+  # (one step if the guard were gone: the test fails fast)
+  code, err = train_in_process(capfd, run, stop_after_steps=1)
   expect_usage_error(err, code, '--restart', program='train.py')
   assert contents(run) == before
   assert len((run / 'log.jsonl').read_text().splitlines()) > 100
