@@ -232,8 +232,6 @@ def define_process_flags() -> dict:
 def start(host_devices: int, process_flags: dict) -> None:
   """Quiet logs (unless --verbosity is given), one XLA device per core, and
   the multi-process runtime when asked for (flags or JAX's environment)."""
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _terminate)
   if not flags.FLAGS['verbosity'].present:
     # Orbax logs every file it writes (INFO) and TFDS warns about benign
     # things; keep stderr for errors. --verbosity=0 shows everything.
@@ -247,6 +245,10 @@ def start(host_devices: int, process_flags: dict) -> None:
     # A process that loses its peers aborts after the heartbeat timeout
     # instead of waiting forever in a collective.
     jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=30)
+  elif threading.current_thread() is threading.main_thread():
+    # One process: SIGTERM ends it with one line and 143, as Ctrl-C does.
+    # Under a launcher SIGTERM means a peer failed, and the launcher says so.
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 @contextlib.contextmanager
