@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cos_jax import methods, neuron, runtime, snn
-from cos_jax.settings import DEFAULT_SATURATED, Calibration
+from cos_jax import checks, methods, neuron, runtime, snn
+from cos_jax.settings import (DEFAULT_SATURATED, Calibration,
+                              check_positive_int)
 
 PyTree = Any
 # Histograms cover ψ in [-MAX_OFFSET, MAX_OFFSET]; larger |ψ| land on the ends.
@@ -128,8 +129,11 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
     ``spikes`` and ``neurons`` (for firing rates); ``outputs`` is the
     ``[T, B, C]`` SNN output of the same run.
   """
+  T = check_positive_int('T', T)
   calibration = methods.calibration_for(init, rho, iterations, schedule,
                                         epsilon, saturated)
+  snn.check_inputs(variables, images, model,
+                   **checks.run_bounds(T, calibration, None))
   if mask is None:
     mask = jnp.ones(images.shape[:1], jnp.int32)
   return statistics(model, variables, images, mask, key, T=T, method=init,

@@ -19,7 +19,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from cos_jax import analysis, methods, runtime  # pylint: disable=g-import-not-at-top
+from cos_jax import analysis, methods, ownership, runtime  # pylint: disable=g-import-not-at-top
 from cos_jax.conversion import ConversionSettings  # pylint: disable=g-import-not-at-top
 
 FILES = ('results.json', 'results.csv', 'accuracy.png', 'offset_spikes.png',
@@ -345,17 +345,23 @@ def write_results(output_dir: str, result: dict, settings: ConversionSettings,
   try:
     for name in FILES:
       runtime.write_atomic(os.path.join(build, name), contents[name])
+    runtime.write_atomic(os.path.join(build, ownership.RESULTS_MARKER), '')
+    # Proven again under the lock, just before the old set is deleted.
+    ownership.check_output_dir(output_dir, FILES)
     runtime.replace_directory(build, output_dir)
   except BaseException:
-    shutil.rmtree(build, ignore_errors=True)
+    if ownership.is_leftover(build, FILES):
+      shutil.rmtree(build, ignore_errors=True)
     raise
   return [os.path.join(output_dir, name) for name in FILES]
 
 
 def _remove_leftovers(output_dir: str) -> None:
-  """Deletes what an earlier, killed write left beside ``output_dir``."""
+  """Deletes what an earlier, killed write left beside ``output_dir`` (only
+  directories holding nothing but what that write makes)."""
   parent = os.path.dirname(os.path.abspath(output_dir))
   prefix = f'.{os.path.basename(os.path.abspath(output_dir))}.tmp-'
   for name in os.listdir(parent) if os.path.isdir(parent) else ():
-    if name.startswith(prefix):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    path = os.path.join(parent, name)
+    if name.startswith(prefix) and ownership.is_leftover(path, FILES):
+      shutil.rmtree(path, ignore_errors=True)

@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from cos_jax import methods, neuron
+from cos_jax import checks, methods, neuron
 from cos_jax.activation import SpikingConfig
+from cos_jax.checks import run_bounds
 from cos_jax.traced import check_model
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
-                              Calibration, check_positive_int,
+                              Calibration, block_steps, check_positive_int,
                               check_time_chunk)
 
 PyTree = Any
@@ -137,14 +138,31 @@ def _join_step_spikes(base: dict, trees: list[dict]) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def check_inputs(variables: PyTree, images) -> None:
-  """Raises ValueError for an empty batch or a threshold that is not > 0.
+def check_inputs(variables: PyTree, images, model: nn.Module | None = None,
+                 v0: PyTree | None = None, *, steps: tuple = (),
+                 block: tuple | None = None) -> None:
+  """The public functions' argument checks (:mod:`cos_jax.checks`).
 
-  (Thresholds are checked where they are concrete, outside ``jit``.)
+  Raises ValueError or SettingsError (one line naming the argument) for
+  images that are not an array with a batch axis or do not fit the model's
+  variables, variables without 'params', a threshold that is not finite and
+  > 0, a v0 whose leaves are not those of this model and batch, non-finite
+  images, NaN in v0 (+inf is a calibrated value), a run longer than
+  :func:`cos_jax.checks.max_steps`, or a block larger than the memory.
+
+  Args:
+    steps: ``(field, value, time-steps per image)`` of the settings that set
+      the run's length.
+    block: ``(field, value, time-steps)`` of the longest time-folded block
+      and the setting that makes it long.
+
+  Shapes are checked under ``jit`` too; values (thresholds, finiteness) only
+  where concrete: under ``jit`` a threshold of 0 passes (docs/reliability.md).
   """
-  if images.ndim < 2 or images.shape[0] == 0:
-    raise ValueError(f'images must be a batch [B, ...] with B >= 1, got shape '
-                     f'{images.shape}')
+  checks.check_images(images)
+  checks.check_variables(variables)
+  for field, value, total in steps:
+    checks.check_steps(field, value, total)
   flat = traverse_util.flatten_dict(variables['params'])
   for path, value in flat.items():
     if path[-1] == 'threshold':
@@ -152,6 +170,17 @@ def check_inputs(variables: PyTree, images) -> None:
         neuron.check_threshold(value)
       except ValueError as e:
         raise ValueError(f'{"/".join(path)}: {e}') from None
+  if model is not None:
+    facts = checks.model_facts(model, variables, images.shape[1:],
+                               images.shape)
+    if v0 is not None:
+      checks.check_v0(v0, facts, images.shape[0])
+    if block is not None:
+      field, value, block_length = block
+      checks.check_memory(field, value, int(
+          _MEMORY_FRACTION * images.shape[0] * block_length
+          * facts.step_bytes))
+  checks.check_finite('images', images)
 
 
 def _thresholds_like(v0_shapes: PyTree, params: PyTree) -> PyTree:
@@ -183,6 +212,7 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
     >>> float(v0['Activation_0']['v0'].max())  # θ/2, θ = 8.0 at init
     4.0
   """
+  check_inputs(variables, images, model)
   config = SpikingConfig(steps=1)
   shapes = jax.eval_shape(
       lambda v, x: _apply(model, v, x, None, config)[1]['v0'], variables,
@@ -273,7 +303,8 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
     (4, 2, 10)
   """
   calibration = Calibration(rho, iterations, schedule, epsilon, saturated)
-  check_inputs(variables, images)
+  check_inputs(variables, images, model, v0,
+               **run_bounds(0, calibration, None))
   return _calibrate(model, variables, images, v0, method='cos',
                     calibration=calibration)
 
@@ -326,7 +357,8 @@ def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
     (2,)
   """
   T, time_chunk = check_positive_int('T', T), check_time_chunk(time_chunk)
-  check_inputs(variables, images)
+  check_inputs(variables, images, model, v0,
+               **run_bounds(T, None, time_chunk))
   return _simulate(model, variables, images, v0, T=T, time_chunk=time_chunk)
 
 
@@ -345,22 +377,9 @@ def memory_bound(model: nn.Module, variables: PyTree, image_shape, *,
   ``batch`` images (a time chunk, or ρ, or the whole run without chunks).
   Computed from shapes only (``jax.eval_shape``), before any compilation.
   """
-  _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, capture_intermediates=True,
-                               mutable=['intermediates']),
-      {k: variables[k] for k in ('params', 'batch_stats') if k in variables},
-      jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
-  per_image_step = sum(leaf.size * leaf.dtype.itemsize
-                       for leaf in jax.tree.leaves(state))
+  per_image_step = checks.model_facts(model, variables,
+                                      image_shape).step_bytes
   return int(_MEMORY_FRACTION * batch * steps * per_image_step)
-
-
-def block_steps(T: int, probe_steps: int, time_chunk: int | None,
-                record_steps: int = 0) -> int:
-  """Steps of the longest block a run of ``T`` steps folds at once."""
-  total = max(T, probe_steps)
-  first = max(time_chunk or total, probe_steps, record_steps)
-  return min(total, first)
 
 
 class SNNRun(NamedTuple):
@@ -470,7 +489,7 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
     >>> bool(jnp.allclose(run.outputs, outputs, atol=1e-5))
     True
   """
-  check_positive_int('T', T)
+  T = check_positive_int('T', T)
   calibration = methods.calibration_for(init, rho, iterations, schedule,
                                         epsilon, saturated)
   if methods.get(init).needs_key and key is None:
@@ -478,7 +497,8 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
                      '(key=jax.random.key(0))')
   if not 0 <= record_steps <= T:
     raise ValueError(f'record_steps must be in [0, T={T}], got {record_steps}')
-  check_inputs(variables, images)
+  check_inputs(variables, images, model, **run_bounds(
+      T, calibration, time_chunk, record_steps))
   return run_method(model, variables, images, key, T=T, method=init,
                     calibration=calibration, record_steps=record_steps,
                     time_chunk=check_time_chunk(time_chunk))
