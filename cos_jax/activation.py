@@ -98,11 +98,16 @@ class Activation(nn.Module):
       it arrives as ``[B, ...]`` and is broadcast over time here. Set by the
       model from the layer's position, never inferred from shapes.
     threshold_init: initial λ (the reference uses 8.0).
+    time_major: the spiking layout of the input and output. False (the zoo):
+      time folded into the batch, ``[B·T, ...]`` sample-major. True (the
+      traced front end, :mod:`cos_jax.trace`): ``[T, B, ...]``. A static
+      input is ``[B, ...]`` either way.
   """
   levels: int
   spiking: SpikingConfig | None = None
   static_input: bool = False
   threshold_init: float = 8.0
+  time_major: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -115,15 +120,30 @@ class Activation(nn.Module):
     return self._spike(x, threshold.astype(x.dtype))
 
   def _spike(self, x, threshold):
-    cfg = self.spiking
-    # Time is folded sample-major: row b·T + t of a linear layer's batch is
-    # sample b at step t. A device's shard of the folded batch then holds
-    # whole samples, so sharding over the batch never splits a time series.
+    steps = self.spiking.steps
     if self.static_input:
-      currents = jnp.broadcast_to(x, (cfg.steps,) + x.shape)
+      currents = jnp.broadcast_to(x, (steps,) + x.shape)
+    elif self.time_major:
+      currents = x
     else:
-      currents = jnp.moveaxis(
-          x.reshape((-1, cfg.steps) + x.shape[1:]), 1, 0)
+      # Time is folded sample-major: row b·T + t of a linear layer's batch is
+      # sample b at step t. A device's shard of the folded batch then holds
+      # whole samples, so sharding over the batch never splits a time series.
+      currents = jnp.moveaxis(x.reshape((-1, steps) + x.shape[1:]), 1, 0)
+    out = self.if_layer(currents, threshold)
+    if self.time_major:
+      return out
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape((-1,) + out.shape[2:])
+
+  def if_layer(self, currents, threshold):
+    """The IF layer on ``currents`` ``[T, B, ...]``: sets v(0) by the
+    method, runs, records; returns the outputs ``s·θ``, ``[T, B, ...]``.
+
+    The one spiking engine: the zoo's slots and the traced front end's sites
+    both run it, whatever layout their linear layers use.
+    """
+    cfg = self.spiking
     v0_var = self.variable('v0', 'v0', neuron.half_threshold, threshold,
                            currents[0])
     v0 = v0_var.value
@@ -152,8 +172,7 @@ class Activation(nn.Module):
       # halve what the count adds to memory traffic.
       again = neuron.spike_train(
           *jax.lax.optimization_barrier((currents, threshold, v0)))
-      dtype = jnp.int16 if x.shape[-1] < 2**15 else jnp.int32
+      dtype = jnp.int16 if currents.shape[-1] < 2**15 else jnp.int32
       self.sow('intermediates', 'step_spikes', jnp.sum(again > 0, -1,
                                                        dtype=dtype))
-    out = jnp.moveaxis(spikes * threshold, 0, 1)
-    return out.reshape((-1,) + out.shape[2:])
+    return spikes * threshold
