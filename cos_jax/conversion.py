@@ -39,8 +39,8 @@ class ConversionSettings:
     calibration: ρ (τ for SRP), rounds, schedule and ε of the methods that
       take them.
     T: the longest simulation reported (accuracy at every t ≤ T).
-    methods: the methods to compare, bound to their settings
-      (:func:`cos_jax.methods.for_settings`), in the order given.
+    methods: the methods to compare, in the order given; names are bound to
+      ``calibration`` on construction (:func:`cos_jax.methods.for_settings`).
     analysis_T: window of the offset-spike analysis (None: the model's L).
     seed: seed of the random v0 method.
     time_chunk: steps simulated at a time (None: one block).
@@ -61,6 +61,11 @@ class ConversionSettings:
   cost_examples: int | None = cost.DEFAULT_COST_EXAMPLES
   calibration_examples: int = DEFAULT_CALIBRATION_EXAMPLES
 
+  def __post_init__(self):
+    object.__setattr__(self, 'methods', tuple(
+        methods.for_settings(methods.get(m) if isinstance(m, str) else m,
+                             self.calibration) for m in self.methods))
+
   @classmethod
   def from_config(cls, config) -> 'ConversionSettings':
     """From a ``configs/convert.py`` config; SettingsError names the field."""
@@ -77,8 +82,7 @@ class ConversionSettings:
     return cls(
         calibration=calibration,
         T=check_positive_int('T', config.T),
-        methods=tuple(methods.for_settings(methods.get(n), calibration)
-                      for n in names),
+        methods=names,
         analysis_T=(None if analysis_T is None
                     else check_positive_int('analysis_T', analysis_T)),
         seed=config.seed,
@@ -156,6 +160,39 @@ def longest_block(settings: ConversionSettings, analysis_T: int
     else:
       blocks.append((steps, 'batch_size'))
   return max(blocks)
+
+
+def check_memory(model, variables, image_shape, settings: ConversionSettings,
+                 batch_size: int, analysis_T: int) -> None:
+  """Refuses a run whose longest block cannot fit in the devices' memory.
+
+  Uses :func:`cos_jax.snn.memory_bound` (from shapes, before compiling) and
+  :func:`cos_jax.runtime.memory_budget`; raises SettingsError naming the
+  setting that made the block long.
+  """
+  budget = runtime.memory_budget()
+  if budget is None:
+    return
+  steps, field = longest_block(settings, analysis_T)
+  need = snn.memory_bound(model, variables, image_shape, batch=batch_size,
+                          steps=steps)
+  if need > 0.9 * budget:
+    value = {'analysis_T': analysis_T, 'rho': settings.calibration.rho,
+             'time_chunk': 0, 'batch_size': batch_size}[field]
+    fix = {'time_chunk': 'set --time_chunk (e.g. 8)',
+           'batch_size': 'lower --batch_size'}.get(
+               field, f'lower --{field} or --batch_size')
+    raise SettingsError(
+        field, f'{value} makes a block of {steps} time-steps × {batch_size} '
+        f'images that needs up to {need / 2**30:.1f} GiB, more than the '
+        f'{budget / 2**30:.1f} GiB available: {fix}')
+
+
+def image_steps(settings: ConversionSettings, analysis_T: int) -> int:
+  """Time-steps simulated per image by one conversion run (all methods, the
+  probes and the analysis), to size the work before it starts."""
+  return 2 * analysis_T + sum(sum(method.counted(T)) for method, T in
+                              settings.runs().values())
 
 
 @jax.jit
@@ -363,8 +400,8 @@ class _Layers:
   def __init__(self, settings, analysis_T):
     self.T = analysis_T
     self.methods = {
-        'before': methods.get('half'),
-        'after': methods.get('cos').bind(dataclasses.replace(
+        'before': methods.METHODS['half'],
+        'after': methods.METHODS['cos'].bind(dataclasses.replace(
             settings.calibration, rho=analysis_T))}
     self.totals = dict.fromkeys(self.methods)
 

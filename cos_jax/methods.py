@@ -304,18 +304,3 @@ def for_settings(method: Method, calibration: Calibration) -> Method:
   return dataclasses.replace(method.bind(calibration),
                              _compare_rho=calibration.rho)
 
-
-# --- Until activation.py takes a Method object (after the lead's refactor of
-# Activation._spike), it names methods by string; these two serve it.
-def _calibrated(self) -> bool:
-  return self.probes_own_input
-
-
-Method.calibrated = property(_calibrated)
-
-
-def layer_v0(name: str, probe_currents, threshold, v0,
-             calibration: Calibration | None, rounds: int, key=None):
-  """:meth:`Method.layer_v0` of method ``name`` bound to ``calibration``."""
-  return METHODS[name].bind(calibration).layer_v0(probe_currents, threshold,
-                                                  v0, rounds, key)

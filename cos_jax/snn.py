@@ -194,8 +194,7 @@ def rule_v0(model: nn.Module, variables: PyTree, images: jax.Array, *,
 def _calibrate(model, variables, images, v0, *,
                method: methods.Method) -> PyTree:
   """v0 after a probing ``method``'s calibration over ρ steps."""
-  config = SpikingConfig(steps=method.rho, method=method.name,
-                         calibration=method.calibration)
+  config = SpikingConfig(steps=method.rho, method=method)
   if method.run == methods.FUSED:  # layerwise: one pass does every round
     return _apply(model, variables, images, v0, config)[1]['v0']
   return _global_passes(model, variables, images, v0, config,
@@ -378,8 +377,7 @@ def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
   """
   steps = method.steps(T)
   if method.run == methods.FUSED:
-    config = SpikingConfig(steps=method.layer_steps(T), method=method.name,
-                           calibration=method.calibration,
+    config = SpikingConfig(steps=method.layer_steps(T), method=method,
                            record_steps=record_steps, count_steps=count_steps)
     outputs, state = _apply_chunked(model, variables, images, None, config,
                                     capture=bool(record_steps),
@@ -390,15 +388,14 @@ def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
   if method.run == methods.PASSES:
     start, probed = _global_passes(
         model, variables, images, None,
-        SpikingConfig(steps=method.pre_steps, method=method.name,
-                      calibration=method.calibration,
+        SpikingConfig(steps=method.pre_steps, method=method,
                       count_steps=count_steps), method.pre_passes)
   elif method.run == methods.PRESIM:
     extra['mask'], probed = _presim_mask(model, variables, images, method,
                                          count_steps)
   elif method.run == methods.CORRECTED:
-    start, extra = corrections['v0'], {k: v for k, v in corrections.items()
-                                       if k != 'v0'}
+    start = corrections.get('v0')
+    extra = {k: v for k, v in corrections.items() if k != 'v0'}
   outputs, state = _apply_chunked(
       model, variables, images, start,
       SpikingConfig(steps=steps, record_steps=record_steps,

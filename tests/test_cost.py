@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import conversion, cost, fanout, report, runtime, snn
+from cos_jax import conversion, cost, fanout, methods, report, runtime, snn
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.models.common import QCFSNet
 from cos_jax.settings import Calibration, SettingsError
@@ -89,7 +89,7 @@ def test_toy_fanout_and_sops_by_hand(toy):
              cost.fanout_classes(network).items()}
   counts = jax.jit(cost.class_counts)(intermediates, onehots, jnp.asarray(mask))
   summary = cost.summarize(network, [(3, {'half': jax.device_get(counts)})],
-                           {'half': (steps, None)},
+                           {'half': (methods.METHODS['half'], steps)},
                            model=cost.COST_MODELS['45nm'])
   assert summary['examples'] == 3
   assert summary['methods']['half']['sops_stderr'] is None  # one batch
@@ -113,8 +113,8 @@ def _activation_spikes(model, variables, images, v0, steps):
   """{layer: [steps, B, ...]} spike trains read off each Activation's output
   (s·θ, time folded sample-major) in a plain spiking apply."""
   _, state = snn.spiking(model, SpikingConfig(steps=steps)).apply(
-      {**variables, 'v0': v0}, images, capture_intermediates=lambda m, _: (
-          isinstance(m, Activation)), mutable=['intermediates'])
+      {**variables, 'v0': v0}, images, capture_intermediates=lambda m, name: (
+          isinstance(m, Activation) and name == '__call__'), mutable=['intermediates'])
   flat = jax.tree_util.tree_flatten_with_path(state['intermediates'])[0]
   out = {}
   for path, value in flat:
@@ -136,10 +136,10 @@ def test_counted_steps_are_the_runs_spikes(toy, method, calibration):
   of the same network simulated plainly from the run's v0; the global
   schedule's probe passes come first."""
   model, variables, images = toy
+  method = methods.METHODS[method].bind(calibration)
   run = snn.run_method(model, variables, images, None, T=7, method=method,
-                       calibration=calibration, time_chunk=3,
-                       count_steps=True)
-  probe, main = cost.run_layout(7, calibration)
+                       time_chunk=3, count_steps=True)
+  probe, main = method.counted(7)
   trains = _activation_spikes(model, variables, images, run.v0, main)
   for layer, train in trains.items():
     counted = np.asarray(run.intermediates[layer]['step_spikes'][0])
@@ -269,8 +269,9 @@ def _sharded_counts(model, variables, images, onehots, devices):
   return conversion._snn_correct(  # pylint: disable=protected-access
       model, jax.device_put(variables, replicated), batch['image'],
       batch['label'], batch['mask'], None,
-      jax.device_put(onehots, replicated), method='cos', T=3,
-      calibration=Calibration(2), time_chunk=2)[1]
+      jax.device_put(onehots, replicated),
+      method=methods.METHODS['cos'].bind(Calibration(2)), T=3,
+      time_chunk=2)[1]
 
 
 def test_counts_identical_on_1_2_and_4_devices(toy):
@@ -399,13 +400,12 @@ def test_every_method_is_counted_as_its_own_run_spikes(toy, schedule):
   network = cost.analyse(model, variables, IMAGE)
   onehots = {k: o for k, (o, _) in cost.fanout_classes(network).items()}
   _, batch_key = jax.random.split(jax.random.key(settings.seed))
+  runs = settings.runs()
   own = {name: runtime.to_host(conversion._snn_correct(  # pylint: disable=protected-access
       model, variables, images, np.arange(6) % 10, np.ones(6, np.int32),
-      batch_key, onehots, method=name, T=settings.time_steps(name),
-      calibration=settings.calibration_of(name),
-      time_chunk=settings.time_chunk)[1]) for name in settings.methods}
-  runs = {name: (settings.time_steps(name), settings.calibration_of(name))
-          for name in settings.methods}
+      batch_key, onehots, method=method, T=T,
+      time_chunk=settings.time_chunk)[1]) for name, (method, T) in
+         runs.items()}
   expected = cost.summarize(network, [(6, own)], runs,
                             cost.COST_MODELS[settings.cost_model])
   assert _without_spread(result['cost']) == _without_spread(expected)
