@@ -114,7 +114,7 @@ def convert(config) -> dict:
           f'rho={calibration.rho}, T<={settings.T}, '
           f'iterations={calibration.iterations}, '
           f'schedule={calibration.schedule}, '
-          f'init={",".join(settings.methods)}; '
+          f'init={",".join(settings.names)}; '
           f'{conversion.image_steps(settings, analysis_T)} simulated '
           'time-steps per image', flush=True)
     start = time.time()

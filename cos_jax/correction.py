@@ -45,7 +45,8 @@ def _layer_names(tree: PyTree) -> list[tuple[str, ...]]:
 def _ann_outputs(model, variables, images) -> dict:
   """Each QCFS layer's output a, ``{path (..., 'v0'): [N, ...]}``."""
   _, state = model.apply(
-      {k: variables[k] for k in ('params', 'batch_stats')}, images,
+      {k: variables[k] for k in ('params', 'batch_stats') if k in variables},
+      images,
       train=False, mutable=['intermediates'])
   flat = traverse_util.flatten_dict(state['intermediates'])
   return {path[:-1] + ('v0',): value[0] for path, value in flat.items()
