@@ -23,8 +23,9 @@ from flax import traverse_util
 
 from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
+from cos_jax.blocks import block_steps, memory_bound  # pylint: disable=unused-import
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
-                              Calibration, check_positive_int,
+                              check_positive_int,
                               check_time_chunk)
 
 PyTree = Any
@@ -298,39 +299,6 @@ def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
   T, time_chunk = check_positive_int('T', T), check_time_chunk(time_chunk)
   check_inputs(variables, images)
   return _simulate(model, variables, images, v0, T=T, time_chunk=time_chunk)
-
-
-# Upper bound of XLA's temp memory of a time-folded block, as a fraction of
-# batch × steps × (all module outputs of one image): measured 0.08-0.41 on
-# the small net, ResNet-20 and a narrow VGG-16 (compiled memory analysis,
-# chunked and unchunked), so half of it never under-estimates.
-_MEMORY_FRACTION = 0.5
-
-
-def memory_bound(model: nn.Module, variables: PyTree, image_shape, *,
-                 batch: int, steps: int) -> int:
-  """Upper bound, in bytes, of the temp memory of one spiking block.
-
-  A block is what one time-folded pass holds at once: ``steps`` time-steps of
-  ``batch`` images (a time chunk, or ρ, or the whole run without chunks).
-  Computed from shapes only (``jax.eval_shape``), before any compilation.
-  """
-  _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, capture_intermediates=True,
-                               mutable=['intermediates']),
-      {k: variables[k] for k in ('params', 'batch_stats')},
-      jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
-  per_image_step = sum(leaf.size * leaf.dtype.itemsize
-                       for leaf in jax.tree.leaves(state))
-  return int(_MEMORY_FRACTION * batch * steps * per_image_step)
-
-
-def block_steps(T: int, probe_steps: int, time_chunk: int | None,
-                record_steps: int = 0) -> int:
-  """Steps of the longest block a run of ``T`` steps folds at once."""
-  total = max(T, probe_steps)
-  first = max(time_chunk or total, probe_steps, record_steps)
-  return min(total, first)
 
 
 class SNNRun(NamedTuple):
