@@ -174,6 +174,8 @@ class Activation(nn.Module):
       # halve what the count adds to memory traffic.
       again = neuron.spike_train(
           *jax.lax.optimization_barrier((currents, threshold, v0)))
+      if cfg.masked:  # a masked spike reaches no synapse
+        again = again * self.get_variable('mask', 'v0')
       dtype = jnp.int16 if currents.shape[-1] < 2**15 else jnp.int32
       self.sow('intermediates', 'step_spikes', jnp.sum(again > 0, -1,
                                                        dtype=dtype))

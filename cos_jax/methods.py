@@ -145,6 +145,11 @@ class Method:
     (``depth``: IF layers on the longest path)."""
     return t + self.pre_passes * self.pre_steps
 
+  def latency_text(self, depth: int) -> str:
+    """Its latency as a formula of T, for tables."""
+    extra = self.latency(1, depth) - 1
+    return f'{extra}+T' if extra else 'T'
+
   def buffers(self, neurons: int) -> tuple[int, int]:
     """(currents a streaming chip buffers, probe neuron updates) per image."""
     return 0, 0
@@ -207,6 +212,11 @@ class Probe(Method):
     return t + depth * self.rho if self.layerwise else super().latency(
         t, depth)
 
+  def latency_text(self, depth):
+    if self.layerwise:
+      return f'{depth}*rho+T'
+    return f'{self.calibration.iterations}*rho+T'
+
   def buffers(self, neurons):
     if not self.layerwise:
       return 0, 0
@@ -236,6 +246,9 @@ class SRP(Method):
 
   def shifts(self):
     return (0,)
+
+  def latency_text(self, depth):
+    return 'tau+T'
 
   def display(self):
     return f'{self.label}, tau={self.rho}'

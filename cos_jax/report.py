@@ -138,17 +138,21 @@ def _cost_lines(result: dict, settings: ConversionSettings
   lines = []
   for method in settings.methods:
     rows = _rows_of(method)
-    extra = method.latency(1, layers) - 1
+    latency = method.latency_text(layers)
     if len(rows) > 1:
       lines += [(label, method.name, [t + s for t in steps])
                 for label, s in rows]
     elif method.buffers(1)[0]:
       lines += [(f'{method.display()}, as run', method.name, steps),
-                (f'{method.display()}, deployed (latency {extra}+T)',
+                (f'{method.display()}, deployed (latency {latency})',
                  method.name, steps)]
+    elif method.pre_passes and method.probes_own_input:
+      lines.append((f'{method.display()}, global (latency {latency})',
+                    method.name, steps))
     else:
-      lines.append((method.display() + (f' (latency {extra}+T)' if extra
-                                        else ''), method.name, steps))
+      lines.append((method.display() + (f' (latency {latency})'
+                                        if latency != 'T' else ''),
+                    method.name, steps))
   return lines
 
 

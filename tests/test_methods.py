@@ -87,6 +87,7 @@ def authors_srp(model, variables, images, tau, T):
       state['v'] = np.zeros_like(x) + 0.5      # reset, then neuron(0.5)
     if state['t'] > tau:
       spike = spike * state['mask']
+    state.setdefault('passed', []).append(spike.sum(-1))  # spikes that travel
     return jnp.asarray(spike * theta)
 
   outputs = []
@@ -124,6 +125,13 @@ def test_srp_equals_the_authors_mplayer_per_step(net):
   assert 0 < masks.mean() < 1
   half = cos_jax.evaluate_snn(model, variables, images, T=T, init='half')
   assert not np.allclose(half.outputs, expected)
+  if net == 'toy':  # the cost counts the τ steps, then only unmasked spikes
+    counted = cos_jax.snn.run_method(
+        model, variables, images, None, T=T, method=methods.resolve(
+            'srp', tau), time_chunk=2, count_steps=True).intermediates
+    for path, state in neurons.items():
+      np.testing.assert_array_equal(
+          counted[path[-1]]['step_spikes'][0], np.stack(state['passed']))
 
 
 def test_srp_run_shape():
