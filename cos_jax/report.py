@@ -266,6 +266,8 @@ def accuracy_figure(result: dict, settings: ConversionSettings) -> bytes:
       t2, y2 = _points(curve, range(1 + shift, T + shift + 1))
       own.plot([i - shift for i in t2], y2, ls='--', color=line.get_color(),
                label=f'{method.display()} at T+ρ')
+    # Every t it ran, T + ρ included: the latency axis puts them in place.
+    t, y = _points(curve, range(1, len(curve) + 1))
     total.plot([method.latency(i, layers) for i in t], y, marker='.',
                color=line.get_color(), label=method.display())
   for ax, xlabel in ((own, 'time-steps T (each method\'s own accounting)'),
