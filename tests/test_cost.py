@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import conversion, cost, fanout, methods, report, runtime, snn
+from cos_jax import (conversion, correction, cost, fanout, methods, report,
+                     runtime, snn)
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.models.common import QCFSNet
 from cos_jax.settings import Calibration, SettingsError
@@ -383,30 +384,45 @@ def test_cost_examples_setting():
     _settings(cost_examples=-1)
 
 
-@pytest.mark.parametrize('schedule', ['layerwise', 'global'])
-def test_every_method_is_counted_as_its_own_run_spikes(toy, schedule):
+@pytest.mark.parametrize('schedule, names, T', [
+    ('layerwise', 'cos,half,zero,random,lightweight', 2),
+    ('global', 'cos,half,zero,random,lightweight', 2),
+    ('layerwise', 'half,srp,pc,bc', 1)])
+def test_every_method_is_counted_as_its_own_run_spikes(toy, schedule, names,
+                                                      T):
   """convert_and_evaluate counts the methods that run from their v0 with one
   program over the longest run (T + ρ = 6 steps here), from the v0 each run
   returned or its rule; the costs equal those of each method's own counting
   run (checked against plain spike trains in
   test_counted_steps_are_the_runs_spikes)."""
   model, variables, images = toy
-  settings = _settings(init='cos,half,zero,random,lightweight',
-                       schedule=schedule)
+  settings = _settings(init=names, schedule=schedule, T=T)
   mesh = runtime.make_mesh(jax.devices()[:1])
+  calibration = images[::-1] * 0.9  # stands for training images
   result = conversion.convert_and_evaluate(
       model, variables, [{'image': np.asarray(images),
-                          'label': np.arange(6) % 10}], settings, mesh=mesh)
+                          'label': np.arange(6) % 10}], settings, mesh=mesh,
+      calibration_images=calibration)
   network = cost.analyse(model, variables, IMAGE)
   onehots = {k: o for k, (o, _) in cost.fanout_classes(network).items()}
   _, batch_key = jax.random.split(jax.random.key(settings.seed))
   runs = settings.runs()
   own = {name: runtime.to_host(conversion._snn_correct(  # pylint: disable=protected-access
       model, variables, images, np.arange(6) % 10, np.ones(6, np.int32),
-      batch_key, onehots, method=method, T=T,
-      time_chunk=settings.time_chunk)[1]) for name, (method, T) in
-         runs.items()}
+      batch_key, onehots, correction.measure(
+          model, variables, calibration, method=method, T=T,
+          time_chunk=settings.time_chunk) if method.corrected else None,
+      method=method, T=T, time_chunk=settings.time_chunk)[1])
+         for name, (method, T) in runs.items()}
   expected = cost.summarize(network, [(6, own)], runs,
                             cost.COST_MODELS[settings.cost_model])
   assert _without_spread(result['cost']) == _without_spread(expected)
-  assert len(set(str(m['sops']) for m in expected['methods'].values())) == 5
+  assert len(set(str(m['sops']) for m in expected['methods'].values())) == (
+      len(settings.methods))
+  if 'srp' in names:
+    # SRP counts its τ = 4 pre-simulation steps on top of its T; pc and bc
+    # have one run per reported T (here T = 1).
+    srp, half = expected['methods']['srp'], expected['methods']['half']
+    assert srp['deployment']['latency'] == [5]
+    assert srp['sops'][0] > half['sops'][0]
+    assert [len(result['curves'][n]) for n in ('pc', 'bc')] == [1, 1]

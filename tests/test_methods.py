@@ -235,3 +235,14 @@ def test_convert_settings_take_the_rivals():
   config.update(calibration_examples=0)
   with pytest.raises(SettingsError, match='calibration_examples'):
     conversion.ConversionSettings.from_config(config)
+
+
+def test_pc_and_bc_refused_without_a_training_split(tmp_path, capfd):
+  """Evaluating the training split leaves none to calibrate on: one line,
+  exit 2, before anything is measured or written (the shipped net)."""
+  from cli_helpers import convert_in_process, expect_usage_error  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  expect_usage_error(*reversed(convert_in_process(
+      capfd, init='cos,pc', split='train', output_dir=str(out))),
+                     '--init', 'training')
+  assert not out.exists()
