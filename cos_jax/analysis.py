@@ -130,6 +130,9 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
   """
   method = methods.resolve(init, rho, iterations, schedule, epsilon,
                            saturated)
+  if method.corrected:
+    raise ValueError(f'init={init!r} corrects from a calibration set; '
+                     'layer_statistics takes the other methods')
   if mask is None:
     mask = jnp.ones(images.shape[:1], jnp.int32)
   return statistics(model, variables, images, mask, key, T=T, method=method)
