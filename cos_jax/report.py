@@ -425,3 +425,29 @@ def _remove_leftovers(output_dir: str) -> None:
   for name in os.listdir(parent) if os.path.isdir(parent) else ():
     if name.startswith(prefix):
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def comparison_markdown(paths: list[str]) -> str:
+  """The comparison table (:func:`comparison_rows`) of one or more
+  results.json files, in Markdown: ``python -m cos_jax.report A.json ...``
+  (docs/comparison.md). The ANN's row comes from the first file."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  rows, header, ann = [], None, None
+  for path in paths:
+    with open(path) as f:
+      result = json.load(f)
+    settings = ConversionSettings.from_config(
+        ml_collections.ConfigDict(result['config']))
+    header, more = comparison_rows(result, settings)
+    schedule = settings.calibration.schedule
+    rows += [[f'{r[0]} ({schedule})' if 'rho=' in r[0] else r[0]] + r[1:]
+             for r in more if r not in rows]
+    ann = ann or result['ann_accuracy']
+  rows.append(['ANN (QCFS)', '—', '—', _pct(ann), '1.000'])
+  return markdown_table(header, rows)
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  print(comparison_markdown(sys.argv[1:]))
