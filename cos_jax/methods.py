@@ -51,6 +51,9 @@ class Method:
   label: str
   needs_key: bool = False
   calibration: Calibration | None = None
+  # The ρ of the runs this one is compared with (:func:`for_settings`): a
+  # method without a probe is also simulated to T + ρ.
+  _compare_rho: int = dataclasses.field(default=0, repr=False)
 
   # What the method takes and how snn runs it (class-level facts).
   takes_calibration = False   # reads ρ (and the rest of a Calibration)
@@ -102,9 +105,6 @@ class Method:
     """Steps simulated beyond the reported T: ρ for a method without a probe,
     so it can also be reported at T + ρ (the paper's comparison)."""
     return 0 if self.takes_calibration else self._compare_rho
-
-  # The ρ of the runs this one is compared with (set by :func:`for_settings`).
-  _compare_rho: int = dataclasses.field(default=0, repr=False)
 
   def steps(self, T: int) -> int:
     """Main-run steps simulated (outputs kept) to report up to T."""
