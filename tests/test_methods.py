@@ -11,8 +11,6 @@
   computed directly in NumPy on a net of dense layers.
 """
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,10 +102,6 @@ def authors_srp(model, variables, images, tau, T):
 
 @pytest.mark.parametrize('net', ['toy', 'vgg16', 'resnet20'])
 def test_srp_equals_the_authors_mplayer_per_step(net):
-  if net == 'vgg16' and not os.environ.get('COS_JAX_SLOW_TESTS'):
-    # Passes (measured 2026-12-05); its float64 compile costs a minute or
-    # more on two cores, so the suite runs it on request only.
-    pytest.skip('set COS_JAX_SLOW_TESTS=1 to run the VGG-16 case')
   if net == 'toy':
     model, variables, images = _toy()
   elif net == 'vgg16':
