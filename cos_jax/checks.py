@@ -22,7 +22,8 @@ import numpy as np
 
 from cos_jax import runtime
 from cos_jax.activation import SpikingConfig
-from cos_jax.settings import Calibration, SettingsError, block_steps
+from cos_jax.blocks import block_steps
+from cos_jax.settings import Calibration, SettingsError
 
 # Simulated time-steps per image above which a call is refused: the paper's
 # runs need a few hundred (T ≤ 256 plus ρ·iterations), and one compiled run

@@ -122,6 +122,7 @@ def convert(config) -> dict:
   batch_size = min(config.batch_size, total or config.batch_size)
   rows = -(-batch_size // devices) * devices // processes
   analysis_T = settings.analysis_T or model.levels
+  calibration_images = _calibration_images(config, settings, spec, split)
   conversion.check_memory(model, restored.variables, spec.image_shape,
                           settings, rows, analysis_T)
   lead = jax.process_index() == 0  # only process 0 prints, locks and writes
@@ -138,14 +139,15 @@ def convert(config) -> dict:
           f'rho={calibration.rho}, T<={settings.T}, '
           f'iterations={calibration.iterations}, '
           f'schedule={calibration.schedule}, '
-          f'init={",".join(settings.methods)}; '
+          f'init={",".join(settings.names)}; '
           f'{conversion.image_steps(settings, analysis_T)} simulated '
           'time-steps per image', flush=True)
     start = time.time()
     with tqdm.tqdm(total=total, unit='img', desc='convert',
                    dynamic_ncols=True, disable=not lead) as bar:
       result = conversion.convert_and_evaluate(
-          model, restored.variables, batches, settings, progress=bar)
+          model, restored.variables, batches, settings, progress=bar,
+          calibration_images=calibration_images)
     wall = time.time() - start
     say()
     say(report.format_table(*report.summary_rows(result, settings)))
@@ -174,6 +176,32 @@ def convert(config) -> dict:
   print(f'\n{result["examples"]} examples in {wall:.0f} s; wrote '
         f'{", ".join(os.path.basename(p) for p in written)} to {out}')
   return {**meta, **result}
+
+
+def _calibration_images(config, settings, spec, split):
+  """The first ``calibration_examples`` images of the training split, which
+  'pc' and 'bc' calibrate on (the same on every process); None when no
+  method needs them. Refused in one line when there is no training split
+  apart from the evaluated one."""
+  if not settings.corrected:
+    return None
+  train = spec.train_split
+  refuse = lambda why: SettingsError(
+      'init', f'pc and bc calibrate on training images, and {why}: drop '
+      'them from --init')
+  if not train or train == split or not spec.split_sizes.get(train):
+    raise refuse(f'{spec.name} has no training split apart from {split!r}')
+  n = settings.calibration_examples
+  try:
+    batch = next(pipeline.make_dataset(
+        spec.name, train, batch_size=n, train=False, data_dir=config.data_dir,
+        num_examples=n, shard_index=0, num_shards=1, drop_remainder=False))
+  except (data.DatasetUnavailableError, ValueError, KeyError,
+          StopIteration) as e:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise refuse(f'the training split {train!r} of {spec.name} cannot be '
+                 f'read ({first})') from None
+  return batch['image']
 
 
 def source(config) -> str:

@@ -102,14 +102,6 @@ def check_time_chunk(value) -> int | None:
   return None if value is None else check_positive_int('time_chunk', value)
 
 
-def block_steps(T: int, probe_steps: int, time_chunk: int | None,
-                record_steps: int = 0) -> int:
-  """Steps of the longest block a run of ``T`` steps folds at once."""
-  total = max(T, probe_steps)
-  first = max(time_chunk or total, probe_steps, record_steps)
-  return min(total, first)
-
-
 @dataclasses.dataclass(frozen=True)
 class Calibration:
   """How COS (and the lightweight rule) set each neuron's v(0).
