@@ -757,10 +757,15 @@ def test_a_copy_of_a_shipped_run_needs_restart(scratch, capfd):
   expect_usage_error(err, code, '--restart', program='train.py')
   assert contents(run) == before
   assert len((run / 'log.jsonl').read_text().splitlines()) > 100
-  # What --restart deletes: train.py's own files, nothing else.
-  assert not checkpoints.check_workdir(None, str(run), restart=True)
-  checkpoints.clear_workdir(str(run))
-  assert os.listdir(run) == []
+  # --restart deletes train.py's own files, nothing else, and starts over.
+  old_log = len((run / 'log.jsonl').read_text().splitlines())
+  final = training.train_and_evaluate(
+      __import__('cli_helpers').train_config(stop_after_steps=2), str(run),
+      restart=True)
+  assert final['step'] == 2 and final['stopped_early']
+  assert len((run / 'log.jsonl').read_text().splitlines()) < old_log
+  assert checkpoints.finalized_steps(str(run / 'checkpoints')) == [2]
+  assert not checkpoints.finalized_steps(str(run / 'best'))
   with pytest.raises(checkpoints.ConfigError, match='nothing was deleted'):
     checkpoints.clear_workdir(str(scratch / 'sub'))
   assert (scratch / 'sub' / 'data.csv').exists()
