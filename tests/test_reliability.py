@@ -978,6 +978,31 @@ def test_environment_errors_are_one_line_exit_1(capfd, name):
   assert len(err.strip().splitlines()) == 1 and words in err, err
 
 
+def test_a_truncated_prepared_dataset_is_one_line_exit_1(tmp_path, capfd):
+  """A real TFDS shard cut short: TensorFlow's DataLossError mid-run."""
+  prepared = Path(tfds.builder('fashion_mnist').data_dir)
+  shard = prepared / 'fashion_mnist-test.tfrecord-00000-of-00001'
+  if not shard.exists():
+    pytest.skip('fashion_mnist is not prepared here')
+  copy = tmp_path / 'data' / 'fashion_mnist' / prepared.name
+  copy.mkdir(parents=True)
+  for name in ('dataset_info.json', 'features.json', 'label.labels.txt'):
+    shutil.copy(prepared / name, copy / name)
+  (copy / shard.name).write_bytes(shard.read_bytes()[:20000])  # ~35 images
+  out = tmp_path / 'out'
+  report.write_results(str(out), _RESULT, _SETTINGS, {'run': 'old'})
+  before = contents(out)
+  code, err = convert_in_process(capfd, data_dir=str(tmp_path / 'data'),
+                                 num_examples=64, batch_size=8, T=2, rho=2,
+                                 output_dir=str(out))
+  assert code == 1, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('convert.py: error: a prepared dataset file is '
+                         'truncated or corrupted (DataLossError: truncated '
+                         'record'), last
+  assert contents(out) == before
+
+
 @pytest.mark.parametrize('signal_class, code', [(KeyboardInterrupt, 130),
                                                 (cli.Terminated, 143)])
 def test_interrupts_are_one_line(capfd, signal_class, code):
