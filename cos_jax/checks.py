@@ -120,9 +120,11 @@ class ModelFacts(NamedTuple):
 
 
 def model_facts(model: nn.Module, variables, image_shape,
-                batch_shape: tuple | None = None) -> ModelFacts:
+                batch_shape: tuple | None = None,
+                image_dtype=None) -> ModelFacts:
   """:class:`ModelFacts` of ``model`` on images of ``image_shape`` (no batch
-  axis), cached by the shapes.
+  axis) and ``image_dtype`` (None: the variables' float type, as a float64
+  model takes float64 images), cached by the shapes.
 
   Given the ``batch_shape`` the images came in, a refusal says whether they
   lack their batch axis (whether the model takes one image of that shape).
@@ -136,11 +138,16 @@ def model_facts(model: nn.Module, variables, image_shape,
   leaves, treedef = jax.tree.flatten(variables)
   abstract = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
                    for x in leaves)
+  if image_dtype is None:
+    floats = [x.dtype for x in abstract if jnp.issubdtype(x.dtype,
+                                                         jnp.floating)]
+    image_dtype = jnp.result_type(*floats) if floats else jnp.float32
   try:
-    return _model_facts(model, treedef, abstract, tuple(image_shape))
+    return _model_facts(model, treedef, abstract, tuple(image_shape),
+                        jnp.dtype(image_dtype))
   except ValueError:
     if batch_shape and _fits(model, jax.tree.unflatten(treedef, abstract),
-                             tuple(batch_shape)):
+                             tuple(batch_shape), image_dtype):
       raise ValueError(
           f'images of shape {tuple(batch_shape)} have no batch axis: the model takes one '
           'image of that shape; pass images[None]') from None
@@ -148,9 +155,10 @@ def model_facts(model: nn.Module, variables, image_shape,
 
 
 @functools.lru_cache(maxsize=64)
-def _model_facts(model, treedef, abstract, image_shape) -> ModelFacts:
+def _model_facts(model, treedef, abstract, image_shape,
+                 image_dtype) -> ModelFacts:
   variables = jax.tree.unflatten(treedef, abstract)
-  image = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
+  image = jax.ShapeDtypeStruct((1,) + image_shape, image_dtype)
   try:
     _, state = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False,
@@ -172,15 +180,15 @@ def _model_facts(model, treedef, abstract, image_shape) -> ModelFacts:
   step_bytes = sum(leaf.size * leaf.dtype.itemsize
                    for leaf in jax.tree.leaves(state))
   if hasattr(model, 'step_bytes'):  # a traced model has no submodules to
-    step_bytes = model.step_bytes(variables, image_shape)  # capture
+    step_bytes = model.step_bytes(variables, image)  # capture
   return ModelFacts(v0, step_bytes)
 
 
-def _fits(model, variables, image_shape) -> bool:
+def _fits(model, variables, image_shape, image_dtype) -> bool:
   """Whether one image of ``image_shape`` (a batch without its axis) fits."""
   try:
     jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
-                   jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32))
+                   jax.ShapeDtypeStruct((1,) + image_shape, image_dtype))
   except Exception:  # pylint: disable=broad-except
     return False
   return True

@@ -180,7 +180,7 @@ def check_inputs(variables: PyTree, images, model: nn.Module | None = None,
         raise ValueError(f'{"/".join(path)}: {e}') from None
   if model is not None:
     facts = checks.model_facts(model, variables, images.shape[1:],
-                               images.shape)
+                               images.shape, images.dtype)
     if v0 is not None:
       checks.check_v0(v0, facts, images.shape[0])
     if block is not None:

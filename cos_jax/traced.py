@@ -177,11 +177,11 @@ class TracedModel(nn.Module):
   def sites(self) -> tuple[str, ...]:
     return self.program.sites
 
-  def step_bytes(self, variables, image_shape) -> int:
-    """Bytes of every value one image's ANN forward computes (each
-    equation's outputs): what a spiking block's memory scales with, per
-    image and step (``cos_jax.checks.model_facts``)."""
-    image = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  def step_bytes(self, variables, image) -> int:
+    """Bytes of every value the ANN forward of ``image`` (one image, an
+    array or ShapeDtypeStruct ``[1, ...]``) computes, each equation's
+    outputs: what a spiking block's memory scales with, per image and step
+    (``cos_jax.checks.model_facts``)."""
     return _output_bytes(self.program.jaxpr(variables['params'][NET],
                                             image).jaxpr)
 
