@@ -110,11 +110,16 @@ class TracedModel(nn.Module):
     levels: L, the QCFS quantisation levels of every site.
     spiking: ``None`` for the ANN, else the spiking pass settings.
     threshold_init: λ of a site without a given threshold.
+    strict: IF neurons fire on ``u > θ`` (Bu et al.) instead of ``u ≥ θ``.
+
+  A site's threshold is a scalar or one value per channel (``[C]``, the
+  last axis), as given in the variables (:func:`trace`'s ``thresholds``).
   """
   program: Program
   levels: int
   spiking: SpikingConfig | None = None
   threshold_init: float = 8.0
+  strict: bool = False
 
   @property
   def sites(self) -> tuple[str, ...]:
@@ -131,7 +136,7 @@ class TracedModel(nn.Module):
       static = not isinstance(x, Temporal)
       layer = Activation(self.levels, self.spiking, static_input=static,
                          threshold_init=self.threshold_init, time_major=True,
-                         name=self.sites[k])
+                         strict=self.strict, name=self.sites[k])
       if self.spiking is None:
         return layer(x)
       return Temporal(layer(x if static else x.x))
@@ -187,7 +192,8 @@ def trace(fn: Callable, variables: PyTree, images, *, levels: int,
     images: ``[B, ...]`` example inputs (shape and dtype are what matter).
     levels: L, the QCFS quantisation levels.
     thresholds: None (every site gets ``threshold_init``), a sequence in site
-      order, or a mapping from site name to threshold.
+      order, or a mapping from site name to threshold; a threshold is a
+      scalar or one value per channel of the site (``[C]``, its last axis).
     threshold_init: the threshold of a site not given one.
 
   Returns:
