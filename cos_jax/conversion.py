@@ -41,6 +41,10 @@ class ConversionSettings:
       spikes (docs/cost.md).
     cost_examples: images whose spikes are counted, the first ones of the
       split in whole batches (None: all of them).
+    readout_from: steps at the start of every run that the readout skips
+      (Bu et al.'s delayed readout): accuracy at T is over the outputs of
+      steps ``readout_from + 1 .. readout_from + T``, so each method runs
+      ``readout_from`` steps more. 0: the usual readout from step 1.
   """
   calibration: Calibration
   T: int
@@ -50,6 +54,7 @@ class ConversionSettings:
   time_chunk: int | None = None
   cost_model: str | None = cost.DEFAULT_COST_MODEL
   cost_examples: int | None = cost.DEFAULT_COST_EXAMPLES
+  readout_from: int = 0
 
   @classmethod
   def from_config(cls, config) -> 'ConversionSettings':
@@ -64,6 +69,17 @@ class ConversionSettings:
       raise SettingsError('init', f'names {", ".join(repeated)} more than '
                           'once; list each method once')
     analysis_T = config.get('analysis_T')
+    readout_from = config.get('readout_from', 0)
+    if (isinstance(readout_from, bool) or not isinstance(readout_from, int)
+        or readout_from < 0):
+      raise SettingsError('readout_from', 'must be an integer >= 0, got '
+                          f'{readout_from!r}')
+    cost_model = _cost_model_name(config.get('cost_model',
+                                             cost.DEFAULT_COST_MODEL))
+    if readout_from and cost_model:
+      raise SettingsError('readout_from', 'is not counted by the cost model '
+                          '(its spikes are those of a run read from step 1): '
+                          'pass --cost_model none with it')
     return cls(
         calibration=Calibration(config.rho, config.iterations,
                                 config.schedule, config.epsilon,
@@ -74,17 +90,18 @@ class ConversionSettings:
                     else check_positive_int('analysis_T', analysis_T)),
         seed=config.seed,
         time_chunk=check_time_chunk(config.time_chunk or None),
-        cost_model=_cost_model_name(config.get('cost_model',
-                                               cost.DEFAULT_COST_MODEL)),
+        cost_model=cost_model,
         cost_examples=_cost_examples(config.get('cost_examples',
-                                                cost.DEFAULT_COST_EXAMPLES)))
+                                                cost.DEFAULT_COST_EXAMPLES)),
+        readout_from=readout_from)
 
   def time_steps(self, name: str) -> int:
     """Steps simulated for ``name``: T, or T + ρ for uncalibrated methods
-    (the paper compares COS at T with the others at T + ρ)."""
+    (the paper compares COS at T with the others at T + ρ), plus the
+    ``readout_from`` steps the readout skips."""
     if methods.get(name).calibrated:
-      return self.T
-    return self.T + self.calibration.rho
+      return self.T + self.readout_from
+    return self.T + self.calibration.rho + self.readout_from
 
   def calibration_of(self, name: str) -> Calibration | None:
     return self.calibration if methods.get(name).calibrated else None
@@ -169,9 +186,11 @@ def correct_per_step(outputs, labels, mask):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'method', 'T', 'calibration', 'time_chunk', 'keep_v0'))
+    'model', 'method', 'T', 'calibration', 'time_chunk', 'keep_v0',
+    'readout_from'))
 def _snn_correct(model, variables, images, labels, mask, key, onehots, *,
-                 method, T, calibration, time_chunk, keep_v0=False):
+                 method, T, calibration, time_chunk, keep_v0=False,
+                 readout_from=0):
   """(correct per step [T], spike counts per step and fan-out class per IF
   layer, ``cos_jax.cost.class_counts``, or {} when ``onehots`` is None; the
   run's v0 if ``keep_v0``, else None)."""
@@ -180,7 +199,7 @@ def _snn_correct(model, variables, images, labels, mask, key, onehots, *,
                        count_steps=onehots is not None)
   counts = ({} if onehots is None
             else cost.class_counts(run.intermediates, onehots, mask))
-  return (correct_per_step(run.outputs, labels, mask), counts,
+  return (correct_per_step(run.outputs[readout_from:], labels, mask), counts,
           run.v0 if keep_v0 else None)
 
 
@@ -251,7 +270,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
                                                    rho=analysis_T))}
   key = jax.random.key(settings.seed)
   ann_hits, examples = 0, 0
-  correct = {name: np.zeros(settings.time_steps(name), np.int64)
+  correct = {name: np.zeros(settings.time_steps(name)
+                           - settings.readout_from, np.int64)
              for name in settings.methods}
   layer_totals = dict.fromkeys(analysed)
   seconds = dict.fromkeys(('ann', *settings.methods, 'analysis', 'cost'), 0.0)
@@ -311,7 +331,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
           onehots if counting and not rerun else None, method=name,
           T=settings.time_steps(name),
           calibration=settings.calibration_of(name),
-          time_chunk=settings.time_chunk, keep_v0=rerun and not by_rule))
+          time_chunk=settings.time_chunk, keep_v0=rerun and not by_rule,
+          readout_from=settings.readout_from))
       correct[name] += runtime.to_host(hits)
       if counting and rerun:
         if by_rule:  # sharded like the runs' v0: one count program

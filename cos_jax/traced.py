@@ -111,6 +111,9 @@ class TracedModel(nn.Module):
     spiking: ``None`` for the ANN, else the spiking pass settings.
     threshold_init: λ of a site without a given threshold.
     strict: IF neurons fire on ``u > θ`` (Bu et al.) instead of ``u ≥ θ``.
+    plain_relu: the ANN is the function itself (plain ReLU at every site)
+      instead of QCFS: a network to convert with balanced thresholds
+      (:func:`cos_jax.balance_thresholds`).
 
   A site's threshold is a scalar or one value per channel (``[C]``, the
   last axis), as given in the variables (:func:`trace`'s ``thresholds``).
@@ -120,6 +123,7 @@ class TracedModel(nn.Module):
   spiking: SpikingConfig | None = None
   threshold_init: float = 8.0
   strict: bool = False
+  plain_relu: bool = False
 
   @property
   def sites(self) -> tuple[str, ...]:
@@ -136,7 +140,8 @@ class TracedModel(nn.Module):
       static = not isinstance(x, Temporal)
       layer = Activation(self.levels, self.spiking, static_input=static,
                          threshold_init=self.threshold_init, time_major=True,
-                         strict=self.strict, name=self.sites[k])
+                         strict=self.strict, plain_relu=self.plain_relu,
+                         name=self.sites[k])
       if self.spiking is None:
         return layer(x)
       return Temporal(layer(x if static else x.x))

@@ -8,10 +8,15 @@
   ``SpikingNeuron*.optimize`` on a small net (dense and "spatial" layers);
 * the strict rule with balanced thresholds and v(0) = θ/2 equals the
   authors' SNN neuron (``SpikingNeuron.forward``, mode 'snn') stepped in
-  NumPy, output for output.
+  NumPy, output for output;
+* convert.py converts a plain-ReLU Flax NNX and Linen network
+  (``'balance': True``) training-free, with the accuracy per T (delayed
+  readout included) of the same conversion done by the library.
 """
 
 import functools
+import json
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,8 @@ import pytest
 import cos_jax
 from cos_jax import balance, neuron
 from cos_jax.activation import Activation, SpikingConfig
+
+from cli_helpers import convert_in_process, expect_usage_error
 
 
 @functools.partial(jax.jit, static_argnames=('method', 'strict', 'count'))
@@ -195,3 +202,98 @@ def test_a_threshold_of_another_shape_is_refused():
   layer = Activation(4)
   with pytest.raises(ValueError, match='one value per channel'):
     layer.apply({'params': {'threshold': jnp.ones(3)}}, jnp.ones((2, 5)))
+
+
+# ------------------------------------------------ convert.py, training-free --
+
+MODEL_FILE = textwrap.dedent('''
+    import flax.linen as nn
+    import jax, jax.numpy as jnp
+    from flax import nnx
+
+    class NNXNet(nnx.Module):
+      def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), strides=2, rngs=rngs)
+        self.fc1 = nnx.Linear(14 * 14 * 4, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 10, rngs=rngs)
+
+      def __call__(self, x):
+        h = jax.nn.relu(self.conv(x))
+        h = jax.nn.relu(self.fc1(h.reshape(h.shape[0], -1)))
+        return self.fc2(h)
+
+    class LinenNet(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        h = jax.nn.relu(nn.Conv(4, (3, 3), strides=2)(x))
+        h = jax.nn.relu(nn.Dense(16)(h.reshape(h.shape[0], -1)))
+        return nn.Dense(10)(h)
+
+    def nnx_model():
+      graphdef, state = nnx.split(NNXNet(nnx.Rngs(0)))
+      fn = lambda state, x: nnx.merge(graphdef, state)(x)
+      return {'fn': fn, 'variables': state, 'levels': 4, 'balance': True}
+
+    def linen_model():
+      net = LinenNet()
+      variables = net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+      return {'fn': net.apply, 'variables': variables, 'levels': 4,
+              'balance': True}
+''')
+
+
+@pytest.fixture
+def model_file(tmp_path):
+  path = tmp_path / 'relunets.py'
+  path.write_text(MODEL_FILE)
+  return str(path)
+
+
+def _library_curve(model_file, name, readout_from):
+  """The same conversion by the library: balance on the first 2 batches of
+  32 training images, COS ρ = 2 on the first 64 test images."""
+  from cos_jax import user_model
+  from cos_jax.data import pipeline
+  restored = user_model.restore(f'{model_file}:{name}',
+                                dataset='fashion_mnist')
+  train = pipeline.make_dataset('fashion_mnist', 'train', batch_size=32,
+                                train=False, shard_index=0, num_shards=1)
+  variables = cos_jax.balance_thresholds(
+      restored.model, restored.variables, (b['image'] for b in train),
+      num_batches=2)
+  test = next(pipeline.make_dataset('fashion_mnist', 'test', batch_size=64,
+                                    train=False, num_examples=64))
+  outputs = cos_jax.evaluate_snn(restored.model, variables, test['image'],
+                                 T=4 + readout_from, rho=2).outputs
+  predictions = np.cumsum(outputs[readout_from:], 0).argmax(-1)
+  return (predictions == test['label']).mean(1)
+
+
+@pytest.mark.parametrize('name, readout_from', [('nnx_model', 0),
+                                                ('linen_model', 1)])
+def test_a_traced_plain_relu_net_converts_training_free(
+    model_file, tmp_path, capfd, name, readout_from):
+  out = tmp_path / 'out'
+  code, err = convert_in_process(
+      capfd, model=f'{model_file}:{name}', dataset='fashion_mnist',
+      num_examples=64, T=4, rho=2, init='cos', balance_batches=2,
+      balance_batch_size=32, readout_from=readout_from, cost_model='none',
+      batch_size=64, output_dir=str(out))
+  assert code == 0, err[-2000:]
+  result = json.loads((out / 'results.json').read_text())
+  curve = result['curves']['cos']
+  assert len(curve) == 4 and all(0 <= a <= 1 for a in curve)
+  np.testing.assert_allclose(curve, _library_curve(model_file, name,
+                                                   readout_from))
+
+
+def test_plain_relu_conversion_refusals(model_file, tmp_path, capfd):
+  base = dict(model=f'{model_file}:linen_model', dataset='fashion_mnist',
+              output_dir=str(tmp_path / 'out'))
+  for fields, field, words in (
+      ({'split': 'train'}, 'model', ['training split']),
+      ({'readout_from': 2}, 'readout_from', ['cost_model none']),
+      ({'balance_rate': 0.0}, 'balance_rate', ['> 0'])):
+    code, err = convert_in_process(capfd, **base, **fields)
+    expect_usage_error(err, code, f'--{field}', *words)
+  assert not (tmp_path / 'out').exists()
