@@ -297,3 +297,24 @@ def test_plain_relu_conversion_refusals(model_file, tmp_path, capfd):
     code, err = convert_in_process(capfd, **base, **fields)
     expect_usage_error(err, code, f'--{field}', *words)
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_reference_checkpoint_with_per_channel_thresholds_loads():
+  from cos_jax import interop
+  path = 'tests/fixtures/torch/QCFS_CIFAR10_vgg16_L4.pth'
+  state = interop.read_torch_state_dict(path)
+  channels = state['layer1.1.weight'].shape[0]
+  theta = np.linspace(0.5, 2.0, channels).astype(np.float32)
+  state['layer1.2.up'] = theta.reshape(1, channels, 1, 1)   # [1, C, 1, 1]
+  kwargs = dict(arch='vgg16', num_classes=10, levels=4,
+                **interop.inspect_torch_checkpoint(path).model_kwargs)
+  model, variables = interop.load_torch_checkpoint(state, **kwargs)
+  np.testing.assert_array_equal(
+      variables['params']['Activation_0']['threshold'], theta)
+  assert variables['params']['Activation_1']['threshold'].shape == ()
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  assert jax.eval_shape(model.apply, variables, x).shape == (1, 10)
+  wrong = jax.tree.map(lambda v: v, variables)
+  wrong['params']['Activation_0']['threshold'] = jnp.ones(channels + 1)
+  with pytest.raises(ValueError, match='one value per channel'):
+    jax.eval_shape(model.apply, wrong, x)
