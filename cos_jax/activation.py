@@ -106,10 +106,6 @@ class Activation(nn.Module):
       it arrives as ``[B, ...]`` and is broadcast over time here. Set by the
       model from the layer's position, never inferred from shapes.
     threshold_init: initial λ (the reference uses 8.0).
-    time_major: the spiking layout of the input and output. False (the zoo):
-      time folded into the batch, ``[B·T, ...]`` sample-major. True (the
-      traced front end, :mod:`cos_jax.traced`): ``[T, B, ...]``. A static
-      input is ``[B, ...]`` either way.
     plain_relu: the ANN is a plain ReLU (no quantisation, no clip) instead
       of QCFS, for networks converted without QCFS training; its threshold
       is then set by balancing (``cos_jax.balance_thresholds``), not trained.
@@ -131,7 +127,6 @@ class Activation(nn.Module):
   spiking: SpikingConfig | None = None
   static_input: bool = False
   threshold_init: float = 8.0
-  time_major: bool = False
   plain_relu: bool = False
   per_channel: bool = False
   strict: bool = False
@@ -164,25 +159,20 @@ class Activation(nn.Module):
     steps = self.spiking.steps
     if self.static_input:
       currents = jnp.broadcast_to(x, (steps,) + x.shape)
-    elif self.time_major:
-      currents = x
     else:
       # Time is folded sample-major: row b·T + t of a linear layer's batch is
       # sample b at step t. A device's shard of the folded batch then holds
       # whole samples, so sharding over the batch never splits a time series.
       currents = jnp.moveaxis(x.reshape((-1, steps) + x.shape[1:]), 1, 0)
-    out = self.if_layer(currents, threshold)
-    if self.time_major:
-      return out
-    out = jnp.moveaxis(out, 0, 1)
+    out = jnp.moveaxis(self.if_layer(currents, threshold), 0, 1)
     return out.reshape((-1,) + out.shape[2:])
 
   def if_layer(self, currents, threshold):
     """The IF layer on ``currents`` ``[T, B, ...]``: sets v(0) by the
     method, runs, records; returns the outputs ``s·θ``, ``[T, B, ...]``.
 
-    The one spiking engine: the zoo's slots and the traced front end's sites
-    both run it, whatever layout their linear layers use.
+    The one spiking engine: the zoo's slots and the traced front end's
+    sites both run it.
     """
     cfg = self.spiking
     v0_var = self.variable('v0', 'v0', neuron.half_threshold, threshold,

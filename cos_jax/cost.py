@@ -110,6 +110,8 @@ def _ann(model: nn.Module) -> nn.Module:
 
 def _describe(model, variables, image_shape):
   """Shapes of every IF layer and of the output, and the ANN's MACs."""
+  if fanout.is_traced(model):  # no modules to intercept: its jaxpr's
+    return fanout.describe_traced(model, variables, image_shape)
   shapes, macs = {}, {}
 
   def record(next_fun, args, kwargs, context):

@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cos_jax import trace_twin
 from cos_jax.activation import Activation
+from cos_jax.trace_twin import describe as describe_traced  # noqa: F401
+from cos_jax.trace_twin import is_traced
 
 OUTPUT = 'output'  # the network's (non-spiking) output, as a fan-out target
 LINEAR = (nn.Conv, nn.Dense)
@@ -53,8 +56,11 @@ def twin(model, variables, images, outputs: dict, shapes: dict):
   Every IF layer outputs ``outputs[name]`` (zeros of batch 1 if absent),
   whatever its input. Returns ({IF layer or OUTPUT: its input}, {linear
   layer: its input}); arrays whose last axis is 1 where the real one is
-  wider hold the same value for every feature.
+  wider hold the same value for every feature. A traced model's twin is
+  read off its jaxpr (``cos_jax.trace_twin``).
   """
+  if is_traced(model):
+    return trace_twin.twin(model, variables, images, outputs, shapes)
   inputs, linear_inputs, inside = {}, {}, []
 
   def intercept(next_fun, args, kwargs, context):

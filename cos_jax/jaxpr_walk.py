@@ -49,15 +49,18 @@ _ADVICE = {
               'on values)',
     'random': 'trace the inference function (deterministic: no dropout, '
               'train=False)',
+    'activation': 'use jax.nn.relu for every activation between two '
+                  'ReLUs (each one becomes a layer of spiking neurons)',
     'other': 'between two ReLUs use only linear or affine operations (conv, '
              'dense, add, reshape, average pooling, inference BatchNorm)',
 }
 _KIND = {'max': 'max', 'reduce_max': 'max', 'reduce_window_max': 'max',
          'min': 'max', 'reduce_min': 'max', 'argmax': 'max',
          'argmin': 'max', 'exp': 'norm', 'log': 'norm', 'div': 'norm',
-         'rsqrt': 'norm', 'sqrt': 'norm', 'integer_pow': 'norm',
-         'pow': 'norm', 'logistic': 'norm', 'tanh': 'norm', 'exp2': 'norm',
-         'log1p': 'norm', 'expm1': 'norm', 'erf': 'norm', 'square': 'norm',
+         'rsqrt': 'norm', 'sqrt': 'norm', 'integer_pow': 'activation',
+         'pow': 'activation', 'logistic': 'activation', 'tanh': 'activation',
+         'exp2': 'norm', 'log1p': 'norm', 'expm1': 'norm',
+         'erf': 'activation', 'square': 'norm',
          'gt': 'branch', 'ge': 'branch', 'lt': 'branch', 'le': 'branch',
          'eq': 'branch', 'ne': 'branch', 'sign': 'branch'}
 
@@ -99,7 +102,8 @@ def has_sites(jaxpr) -> bool:
 
 
 def _line(frame) -> str:
-  return f'{frame.file_name}:{frame.start_line} ({frame.function_name})'
+  return (f'{frame.file_name}:{frame.start_line}:{frame.start_column} '
+          f'({frame.function_name})')
 
 
 def where(eqn) -> str:
@@ -229,7 +233,9 @@ def _check_eqn(eqn, spiking: list[bool]) -> None:
   kind = _KIND.get(name, 'other')
   what = {'max': f'{name} (a maximum: max pooling, jnp.maximum or softmax)',
           'norm': f'{name} (a normalisation, softmax or other non-linear map)',
-          'branch': f'a comparison ({name}), i.e. a data-dependent choice,'
+          'branch': f'a comparison ({name}), i.e. a data-dependent choice,',
+          'activation': f'{name} (another activation: GELU, sigmoid, tanh, '
+                        'or a power)'
           }.get(kind, name)
   _refuse(eqn, f'{what} on a spiking value', kind)
 

@@ -10,10 +10,12 @@ equation:
 
 * the ANN: every site is a QCFS activation with its own threshold;
 * the SNN: a value that depends on no site (the image through the first
-  layers) is computed once, as in the ANN; a value that does carries a leading
-  time axis ``[T, ...]`` and the equations on it run on all steps at once
-  (``jax.vmap``, which folds time into a conv's or matmul's batch); each
-  site is an IF layer over ``[T, B, ...]`` currents.
+  layers) is computed once, as in the ANN; a value that does carries a time
+  axis after its batch axis, ``[B, T, ...]``, and the equations on it run on
+  all steps at once: a conv on the time-folded batch ``[B·T, ...]`` (the
+  zoo's sample-major folding, so a batch sharded over devices stays
+  sharded), anything else under ``jax.vmap`` over the time axis; each site
+  is the zoo's IF slot on the folded currents.
 
 :func:`with_qcfs` applies the same substitution to a user's training-mode
 function, with the same site names, so its trained thresholds feed the SNN.
@@ -44,8 +46,8 @@ NET = 'net'  # the key of the user's variables in the traced model's params
 def _array_leaves(tree: PyTree, what: str) -> None:
   """Refuses a leaf that is not an array or a number (one line)."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int,
-                             float)):
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float,
+                             jax.ShapeDtypeStruct)):
       raise ValueError(
           f'{what}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, '
           'not an array: pass only arrays (e.g. eqx.partition(model, '
@@ -80,22 +82,77 @@ class Program:
 
 
 class Temporal:
-  """A value with a leading time axis ``[T, ...]`` (one per IF time-step)."""
+  """A value with a time axis: ``[B, T, ...]`` for a value ``[B, ...]`` (time
+  right after the leading, batch, axis: folded, it is the zoo's sample-major
+  ``[B·T, ...]``, so a device's shard of the batch holds whole time series),
+  ``[T]`` for a scalar."""
 
-  def __init__(self, x):
-    self.x = x
+  def __init__(self, x, axis: int):
+    self.x, self.axis = x, axis
+
+  @property
+  def steps(self) -> int:
+    return self.x.shape[self.axis]
+
+
+def _time_axis(aval) -> int:
+  return min(1, aval.ndim)
+
+
+def _conv_folded(eqn, lhs: Temporal, rhs):
+  """A convolution whose input carries time: time folded into the batch
+  sample-major (a reshape, no copy), as the zoo's layers see it."""
+  x = lhs.x
+  folded = x.reshape((-1,) + x.shape[2:])
+  out = bind(eqn, [folded, rhs])[0]
+  return [Temporal(out.reshape(x.shape[:2] + out.shape[1:]), 1)]
+
+
+def _static_cond(eqn, values):
+  """A cond on a static index (e.g. lax.platform_dependent) whose operands
+  carry time: each branch evaluated here, so its equations get these rules
+  too. Outputs carry time in every branch."""
+  timed = [isinstance(v, Temporal) for v in values[1:]]
+  steps = next(v.steps for v in values[1:] if isinstance(v, Temporal))
+  out_axes = [_time_axis(v.aval) for v in eqn.outvars]
+
+  def branch_fn(closed):
+    def run(*arrays):
+      operands = [Temporal(a, _time_axis(v.aval)) if t else a for a, t, v in
+                  zip(arrays, timed, eqn.invars[1:])]
+      outs = evaluate(closed.jaxpr, closed.consts, operands,
+                      site=None, apply=_apply_in_time)
+      return [o.x if isinstance(o, Temporal) else jnp.expand_dims(
+          o, axis).repeat(steps, axis) for o, axis in zip(outs, out_axes)]
+    return run
+
+  outs = jax.lax.switch(values[0], [branch_fn(b) for b in
+                                    eqn.params['branches']],
+                        *[v.x if t else v for v, t in zip(values[1:], timed)])
+  return [Temporal(o, axis) for o, axis in zip(outs, out_axes)]
 
 
 def _apply_in_time(eqn, values):
   """``eqn`` on values some of which are :class:`Temporal`: run on every
-  step at once (``vmap`` folds time into a conv's or matmul's batch)."""
+  step at once (a conv folds time into its batch; any other equation runs
+  under ``vmap`` over the time axis)."""
   timed = [isinstance(v, Temporal) for v in values]
   if not any(timed):
     return bind(eqn, values)
-  outs = jax.vmap(lambda *xs: bind(eqn, xs), in_axes=[
-      0 if t else None for t in timed])(*[
-          v.x if t else v for v, t in zip(values, timed)])
-  return [Temporal(o) for o in outs]
+  name = eqn.primitive.name
+  if (name == 'conv_general_dilated' and timed == [True, False]
+      and values[0].axis == 1
+      and eqn.params['dimension_numbers'].lhs_spec[0] == 0):
+    return _conv_folded(eqn, *values)
+  if name == 'cond' and not timed[0]:
+    return _static_cond(eqn, values)
+  out_axes = [_time_axis(v.aval) for v in eqn.outvars]
+  outs = jax.vmap(lambda *xs: bind(eqn, xs),
+                  in_axes=[v.axis if t else None
+                           for v, t in zip(values, timed)],
+                  out_axes=out_axes)(*[v.x if t else v
+                                       for v, t in zip(values, timed)])
+  return [Temporal(o, axis) for o, axis in zip(outs, out_axes)]
 
 
 class TracedModel(nn.Module):
@@ -139,12 +196,19 @@ class TracedModel(nn.Module):
     def site(k, x):
       static = not isinstance(x, Temporal)
       layer = Activation(self.levels, self.spiking, static_input=static,
-                         threshold_init=self.threshold_init, time_major=True,
+                         threshold_init=self.threshold_init,
                          strict=self.strict, plain_relu=self.plain_relu,
                          name=self.sites[k])
       if self.spiking is None:
         return layer(x)
-      return Temporal(layer(x if static else x.x))
+      if not static and x.axis != 1:
+        raise NotConvertible(f'site {self.sites[k]} acts on a scalar; a '
+                             'ReLU site needs a batch axis')
+      # The slot takes and gives time folded sample-major, [B·T, ...]:
+      # a reshape of [B, T, ...], no copy.
+      out = layer(x if static else x.x.reshape((-1,) + x.x.shape[2:]))
+      return Temporal(out.reshape((-1, self.spiking.steps) + out.shape[1:]),
+                      1)
 
     out = evaluate(closed.jaxpr, closed.consts, args, site=site,
                    apply=bind if self.spiking is None else _apply_in_time)
@@ -156,8 +220,9 @@ class TracedModel(nn.Module):
       return logits
     if not isinstance(logits, Temporal):
       raise NotConvertible('the logits do not depend on any ReLU')
-    folded = jnp.moveaxis(logits.x, 0, 1)  # [B, T, C] sample-major
-    return folded.reshape((-1,) + folded.shape[2:])
+    if logits.axis != 1:
+      raise NotConvertible('the logits must be [B, C]')
+    return logits.x.reshape((-1,) + logits.x.shape[2:])  # [B·T, C]
 
 
 def _thresholds(sites: Sequence[str], thresholds, threshold_init) -> dict:
@@ -203,8 +268,9 @@ def trace(fn: Callable, variables: PyTree, images, *, levels: int,
 
   Returns:
     ``(model, net_variables)``: ``model.sites`` names the sites in trace
-    order (JAX's name stack, the Flax or Equinox module path, where there is
-    one, else ``relu_<k>``); ``net_variables = {'params': {'net': variables,
+    order by JAX's name stack where there is one (a Linen module path;
+    ``vmap()/...`` under ``jax.vmap``), else ``relu_<k>`` (NNX pushes no
+    name stack); ``net_variables = {'params': {'net': variables,
     site: {'threshold': θ}, ...}}``; ``model.apply(net_variables, images)``
     is the QCFS ANN's logits, differentiable in both. ``model`` goes
     wherever a zoo model does (``cos_jax.calibrate``, ``simulate``,

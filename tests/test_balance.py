@@ -32,15 +32,19 @@ from cli_helpers import convert_in_process, expect_usage_error
 
 @functools.partial(jax.jit, static_argnames=('method', 'strict', 'count'))
 def _layer(currents, threshold, method, strict, count=False):
-  """One IF layer (time-major currents [T, B, ..., C]) under ``method``."""
+  """One IF layer on currents [T, B, ..., C] (folded sample-major, as a
+  model feeds it) under ``method``; outputs [T, B, ..., C]."""
   config = SpikingConfig(
       steps=currents.shape[0], method=method, count_steps=count,
       calibration=(cos_jax.Calibration(rho=4, iterations=2)
                    if method in ('cos', 'lightweight') else None))
-  layer = Activation(4, config, time_major=True, strict=strict)
-  out, state = layer.apply({'params': {'threshold': threshold}}, currents,
+  layer = Activation(4, config, strict=strict)
+  steps = currents.shape[0]
+  folded = jnp.moveaxis(currents, 0, 1).reshape((-1,) + currents.shape[2:])
+  out, state = layer.apply({'params': {'threshold': threshold}}, folded,
                            mutable=['v0', 'intermediates'])
-  return out, state
+  out = out.reshape((-1, steps) + out.shape[1:])   # [B, T, ...]
+  return jnp.moveaxis(out, 1, 0), state
 
 
 @pytest.mark.parametrize('strict', [False, True])
