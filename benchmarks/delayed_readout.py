@@ -19,12 +19,29 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cos_jax  # noqa: E402
 from cos_jax import checkpoints, data  # noqa: E402
+from cos_jax.activation import Activation  # noqa: E402
 from cos_jax.data import pipeline  # noqa: E402
+
+
+def _clipped(next_fun, args, kwargs, context):
+  """Every slot as the ReLU clipped at its threshold (the authors' 'clip'
+  mode: the ANN the SNN approaches as T grows)."""
+  module = context.module
+  if isinstance(module, Activation) and context.method_name == '__call__':
+    theta = module.get_variable('params', 'threshold')
+    return theta - jax.nn.relu(theta - jax.nn.relu(args[0]))
+  return next_fun(*args, **kwargs)
+
+
+def clipped_logits(model, variables, images):
+  with nn.intercept_methods(_clipped):
+    return model.apply(variables, images, train=False)
 
 
 def main():
@@ -56,6 +73,9 @@ def main():
   run = jax.jit(lambda v, x: cos_jax.evaluate_snn(
       model, v, x, T=args.steps, init=args.init,
       rho=args.rho).outputs)
+  ann = jax.jit(lambda v, x: (model.apply(v, x, train=False).argmax(-1),
+                              clipped_logits(model, v, x).argmax(-1)))
+  ann_correct = np.zeros(2, np.int64)
   delays = [int(d) for d in args.delays.split(',')]
   windows = [int(w) for w in args.windows.split(',')]
   correct = np.zeros((len(delays), len(windows)), np.int64)
@@ -64,6 +84,8 @@ def main():
                                      batch_size=args.eval_batch, train=False,
                                      num_examples=args.num_examples):
     outputs = np.asarray(run(variables, batch['image']))
+    ann_correct += [np.sum(np.asarray(p) == batch['label'])
+                    for p in ann(variables, batch['image'])]
     for a, d in enumerate(delays):
       summed = np.cumsum(outputs[d:], 0)
       for b, w in enumerate(windows):
@@ -75,7 +97,9 @@ def main():
                           for b, w in enumerate(windows)}
            for a, d in enumerate(delays)}
   print(f'{seen} images, init={args.init}, strict={args.strict}, '
-        f'{args.batches}x{args.batch_size} balancing images')
+        f'{args.batches}x{args.batch_size} balancing images; ANN (ReLU) '
+        f'{100 * ann_correct[0] / seen:.2f}%, ANN clipped at the balanced '
+        f'thresholds {100 * ann_correct[1] / seen:.2f}%')
   print('| delay d | ' + ' | '.join(f'T={w}' for w in windows) + ' |')
   print('|---' * (len(windows) + 1) + '|')
   for a, d in enumerate(delays):
@@ -84,8 +108,9 @@ def main():
     print(f'| {d} | ' + ' | '.join(cells) + ' |')
   if args.out:
     with open(args.out, 'w') as f:
-      json.dump({'examples': seen, 'args': vars(args), 'table': table}, f,
-                indent=1)
+      json.dump({'examples': seen, 'args': vars(args), 'table': table,
+                 'ann_relu': ann_correct[0] / seen,
+                 'ann_clipped': ann_correct[1] / seen}, f, indent=1)
 
 
 if __name__ == '__main__':

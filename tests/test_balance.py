@@ -182,6 +182,13 @@ def test_strict_balanced_snn_is_the_authors_snn():
     got = cos_jax.evaluate_snn(model.clone(strict=True), balanced, x, T=12,
                                init='half', time_chunk=5).outputs
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # θ/2 per channel from init_v0 too: simulate from it is the same run.
+    v0 = cos_jax.init_v0(model, balanced, x)
+    np.testing.assert_array_equal(v0[model.sites[1]]['v0'],
+                                  np.broadcast_to(theta[1] / 2, (6, 7)))
+    np.testing.assert_allclose(   # time chunks of 8, not 5: float rounding
+        cos_jax.simulate(model.clone(strict=True), balanced, x, v0, T=12),
+        got, rtol=1e-12, atol=1e-15)
     # COS runs on the balanced per-channel thresholds, at every T.
     cos = cos_jax.evaluate_snn(model.clone(strict=True), balanced, x, T=12,
                                rho=4).outputs
