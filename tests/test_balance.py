@@ -84,6 +84,13 @@ def test_strict_rule_differs_only_on_the_threshold():
                                   strict.spikes)
   np.testing.assert_array_equal(neuron.spike_train(currents, 1.0),
                                 [[1.], [1.], [0.]])   # and back to u ≥ θ
+  # A strict layer's v(0) method probes by its rule too: lightweight's
+  # v(0) ← v(ρ), two rounds from θ/2 on 0.25, 0, 0, 0: 0.75, then u = 1 at
+  # step 1 of round 2, silent strictly (v(ρ) = 1), else fired (0).
+  held = jnp.array([0.25, 0., 0., 0.])[:, None, None]
+  for strict, want in ((False, 0.0), (True, 1.0)):
+    _, state = _layer(held, jnp.float32(1.0), 'lightweight', strict)
+    assert state['v0']['v0'].ravel().tolist() == [want]
 
 
 def _net(p, x):
