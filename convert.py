@@ -43,4 +43,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('convert.py'))
+  app.run(main, flags_parser=cli.flags_parser(
+      'convert.py', convert_config.get_config()))

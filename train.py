@@ -18,6 +18,7 @@ import os
 from absl import app
 from absl import flags
 
+from configs import default as default_config
 from cos_jax import cli, training
 
 _WORKDIR = flags.DEFINE_string(
@@ -31,6 +32,10 @@ _CONFIG = cli.define_config(
 _HOST_DEVICES = flags.DEFINE_integer(
     'host_devices', 0, 'Number of XLA CPU devices to split the host into '
     '(0 = one per core). Only affects runs on the CPU backend.', lower_bound=0)
+_RESTART = flags.DEFINE_bool(
+    'restart', False, 'Train from step 0 in a --workdir that train.py wrote '
+    'before, deleting its checkpoints and log (a finished run, or a copy of '
+    'a shipped one). Without it a run resumes from its latest checkpoint.')
 _PROCESS_FLAGS = cli.define_process_flags()
 
 flags.mark_flags_as_required(['workdir'])
@@ -40,8 +45,10 @@ def main(argv):
   del argv
   cli.start(_HOST_DEVICES.value, _PROCESS_FLAGS)
   with cli.one_line_errors('train.py'):
-    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 restart=_RESTART.value)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('train.py'))
+  app.run(main, flags_parser=cli.flags_parser(
+      'train.py', default_config.get_config()))

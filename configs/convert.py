@@ -51,9 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.epsilon = 1e-3
   config.saturated = settings.DEFAULT_SATURATED
 
-  # Simulation: accuracy is reported at T = 1, 2, 4, ... up to T for each v0
-  # method in `init` (comma-separated: cos, half, lightweight, zero, random);
-  # uncalibrated methods also at T + ρ. The offset-spike analysis counts over
+  # Simulation: accuracy is reported at T = 1, 2, 4, ... up to T for each
+  # method in `init` (comma-separated: cos, half, lightweight, zero, random,
+  # and the rivals srp, pc, bc: docs/comparison.md); a method without a probe
+  # also at T + ρ. srp pre-simulates τ = rho steps. pc and bc measure one
+  # correction per reported T on the first calibration_examples images of
+  # the training split (the authors' one batch of 128). The offset-spike analysis counts over
   # analysis_T steps (None: the model's L, the paper's T = L). time_chunk:
   # steps simulated at a time, carrying membrane potentials (same spikes;
   # bounds memory by the chunk); 0 = all steps in one block.
@@ -62,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.analysis_T = config_dict.placeholder(int)
   config.time_chunk = 8
   config.seed = 0  # of the 'random' method
+  config.calibration_examples = 128
   # Bu et al.'s delayed readout: the first readout_from steps of every run
   # are not read, so the accuracy at T is over steps readout_from+1 ..
   # readout_from+T (the latency adds readout_from; needs cost_model 'none').

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from cos_jax import methods, neuron
-from cos_jax.settings import Calibration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +29,12 @@ class SpikingConfig:
 
   Attributes:
     steps: time-steps every IF layer runs (and the length of the output).
-    method: how each layer sets v(0) before its run, a key of
-      :data:`cos_jax.methods.METHODS`; ``None`` runs from the ``'v0'``
-      collection as given (θ/2 where it is absent).
-    calibration: ρ, rounds, schedule and ε of a calibrated method. Under the
-      layerwise schedule a layer calibrates, then runs from the new v(0);
-      under the global schedule it runs from the given v(0) (the run is the
-      probe) and writes one round's result back to ``'v0'``.
+    method: a bound :class:`cos_jax.methods.Method` by which each layer sets
+      v(0) before its run; ``None`` runs from the ``'v0'`` collection as
+      given (θ/2 where it is absent). In a fused run (``method.run ==
+      FUSED``) a layer sets v(0), then runs from it; in a probe pass of the
+      global schedule it runs from the given v(0) (the run is the probe) and
+      writes one round's result back to ``'v0'``.
     record_steps: if > 0, each layer sows into ``'intermediates'`` its spike
       count and summed input current over the first ``record_steps`` steps of
       its main run (for the offset-spike analyses).
@@ -48,6 +46,11 @@ class SpikingConfig:
       axis: ``'step_spikes'``, ``[steps, B, ...spatial]``, int16 (int32 from
       2**15 features). For the cost counts of :mod:`cos_jax.cost`, where a
       neuron's fan-out does not depend on its channel.
+    masked: each layer passes on ``s·θ·mask``, its ``'mask'`` collection's
+      value (SRP; 0/1 per neuron and sample). The neuron still integrates
+      and resets as usual; only its output is masked.
+    shifted: each layer adds its ``'shift'`` collection's value (per
+      channel, the bias correction 'bc') to its input current every step.
 
   Example:
     >>> config = cos_jax.SpikingConfig(
@@ -58,41 +61,39 @@ class SpikingConfig:
     True
   """
   steps: int
-  method: str | None = None
-  calibration: Calibration | None = None
+  method: methods.Method | None = None
   record_steps: int = 0
   keep_final_v: bool = False
   count_steps: bool = False
+  masked: bool = False
+  shifted: bool = False
 
   def __post_init__(self):
     if self.steps < 1:
       raise ValueError(f'steps must be >= 1, got {self.steps}')
-    if self.method is not None and methods.get(self.method).calibrated:
-      if self.calibration is None or self.calibration.rho > self.steps:
-        raise ValueError(f'method {self.method!r} needs a Calibration with '
-                         f'rho <= steps={self.steps}; got {self.calibration}')
+    if self.method is not None and self.method.probe_steps > self.steps:
+      raise ValueError(f'method {self.method.name!r} probes '
+                       f'{self.method.probe_steps} steps, more than '
+                       f'steps={self.steps}')
     if not 0 <= self.record_steps <= self.steps:
       raise ValueError('record_steps must lie in [0, steps]')
 
   @property
   def probe_steps(self) -> int:
     """Input steps a layer's v(0) rule looks at (ρ, or 1 for a fill)."""
-    return self.calibration.rho if self._calibrated else 1
+    return 1 if self.method is None else self.method.probe_steps
 
   @property
   def runs_from_new_v0(self) -> bool:
-    return not self._calibrated or self.calibration.schedule == 'layerwise'
+    return self.method is None or self.method.run == methods.FUSED
 
   @property
   def rounds(self) -> int:
     """Rounds per pass: all of them layerwise, one per pass globally."""
-    if not self._calibrated:
+    if self.method is None or not self.method.probes_own_input:
       return 0
-    return self.calibration.iterations if self.runs_from_new_v0 else 1
-
-  @property
-  def _calibrated(self) -> bool:
-    return self.method is not None and methods.get(self.method).calibrated
+    return (self.method.calibration.iterations if self.runs_from_new_v0
+            else 1)
 
 
 class Activation(nn.Module):
@@ -178,12 +179,13 @@ class Activation(nn.Module):
     v0_var = self.variable('v0', 'v0', neuron.half_threshold, threshold,
                            currents[0])
     v0 = v0_var.value
+    if cfg.shifted:  # bc: a per-channel correction of the bias, every step
+      currents = currents + self.get_variable('shift', 'v0').astype(
+          currents.dtype)
     if cfg.method is not None:
-      key = (self.make_rng('v0') if methods.get(cfg.method).needs_key
-             else None)
-      new_v0 = methods.layer_v0(cfg.method, currents[:cfg.probe_steps],
-                                threshold, v0, cfg.calibration, cfg.rounds,
-                                key)
+      key = self.make_rng('v0') if cfg.method.needs_key else None
+      new_v0 = cfg.method.layer_v0(currents[:cfg.probe_steps], threshold, v0,
+                                   cfg.rounds, key)
       v0_var.value = new_v0
       if cfg.runs_from_new_v0:
         v0 = new_v0
@@ -203,7 +205,11 @@ class Activation(nn.Module):
       # halve what the count adds to memory traffic.
       again = neuron.spike_train(
           *jax.lax.optimization_barrier((currents, threshold, v0)))
+      if cfg.masked:  # a masked spike reaches no synapse
+        again = again * self.get_variable('mask', 'v0')
       dtype = jnp.int16 if currents.shape[-1] < 2**15 else jnp.int32
       self.sow('intermediates', 'step_spikes', jnp.sum(again > 0, -1,
                                                        dtype=dtype))
+    if cfg.masked:  # SRP: the neuron integrates as usual, its output is masked
+      return spikes * threshold * self.get_variable('mask', 'v0')
     return spikes * threshold

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cos_jax import methods, neuron, runtime, snn
-from cos_jax.settings import DEFAULT_SATURATED, Calibration
+from cos_jax import checks, methods, neuron, runtime, snn
+from cos_jax.settings import DEFAULT_SATURATED, check_positive_int
 
 PyTree = Any
 # Histograms cover ψ in [-MAX_OFFSET, MAX_OFFSET]; larger |ψ| land on the ends.
@@ -64,16 +64,16 @@ def _psi_stats(psi: jax.Array, weights: jax.Array,
                                    axis=tuple(range(1, psi.ndim)))}
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'T', 'method',
-                                             'calibration'))
-def statistics(model, variables, images, mask, key, *, T: int, method: str,
-               calibration: Calibration | None):
-  """:func:`layer_statistics` on settings already validated (no checks)."""
+@functools.partial(jax.jit, static_argnames=('model', 'T', 'method'))
+def statistics(model, variables, images, mask, key, *, T: int,
+               method: methods.Method):
+  """:func:`layer_statistics` on settings already validated (no checks);
+  ``method`` is bound to its settings."""
   _, ann_state = model.apply(
       {k: variables[k] for k in ('params', 'batch_stats') if k in variables}, images,
       train=False, mutable=['intermediates'])
   run = snn.run_method(model, variables, images, key, T=T, method=method,
-                       calibration=calibration, record_steps=T)
+                       record_steps=T)
   ann = _sown(ann_state['intermediates'], 'ann_output')
   counts = _sown(run.intermediates, 'spike_count')
   current_sums = _sown(run.intermediates, 'current_sum')
@@ -128,12 +128,17 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
     ``spikes`` and ``neurons`` (for firing rates); ``outputs`` is the
     ``[T, B, C]`` SNN output of the same run.
   """
-  calibration = methods.calibration_for(init, rho, iterations, schedule,
-                                        epsilon, saturated)
+  T = check_positive_int('T', T)
+  method = methods.resolve(init, rho, iterations, schedule, epsilon,
+                           saturated)
+  if method.corrected:
+    raise ValueError(f'init={init!r} corrects from a calibration set; '
+                     'layer_statistics takes the other methods')
+  snn.check_inputs(variables, images, model,
+                   **checks.run_bounds(T, method.calibration, None))
   if mask is None:
     mask = jnp.ones(images.shape[:1], jnp.int32)
-  return statistics(model, variables, images, mask, key, T=T, method=init,
-                    calibration=calibration)
+  return statistics(model, variables, images, mask, key, T=T, method=method)
 
 
 def accumulate(total: dict | None, stats: dict) -> dict:

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cos_jax import data
+from cos_jax import data, ownership
 from cos_jax.train_config import (ConfigError, abstract_variables,
                                   check_resume, create_model, first_line)
 
@@ -42,6 +42,11 @@ BEST_DIR = 'best'
 LOG_FILE = 'log.jsonl'
 LOCK_FILE = '.lock'  # held by the run training in the workdir
 _TMP_MARK = '.orbax-checkpoint-tmp'
+# Every name train.py writes in a workdir (a trailing '/' marks a directory;
+# '.*.tmp' are runtime.write_atomic's partial files): anything else is a
+# user's, and such a workdir is refused.
+TRAIN_NAMES = (CONFIG_FILE, LOG_FILE, LOCK_FILE, CHECKPOINT_DIR + '/',
+               BEST_DIR + '/', 'events.out.tfevents.*', '.*.tmp')
 
 
 class CheckpointError(RuntimeError):
@@ -91,31 +96,84 @@ def finalized_steps(directory: str) -> list[int]:
                 and os.path.isdir(os.path.join(directory, name)))
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """Checks that ``workdir`` is new or holds the same run, to resume.
+def check_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  restart: bool = False) -> bool:
+  """Checks that ``workdir`` is new, or holds only what train.py wrote.
+
+  A run is resumed from its latest step checkpoint. A workdir with a best
+  checkpoint but no ``checkpoints/`` (a copy of a shipped run) is trained
+  again from step 0 only with ``restart``.
 
   Returns:
-    True if the workdir holds checkpoints (the run will resume).
+    True if the run resumes from a step checkpoint.
 
   Raises:
-    ConfigError: the workdir is a file, holds checkpoints without a
-      config.json, or holds a run the config would change (see
-      :func:`cos_jax.train_config.check_resume`).
+    ConfigError: the workdir is a file, a symlink or not writable, holds a
+      file train.py did not write, holds train.py's files but no
+      config.json, holds a run the config would change
+      (:func:`cos_jax.train_config.check_resume`), or holds a best checkpoint
+      but no ``checkpoints/``.
     CheckpointError: its config.json is unreadable.
   """
+  if os.path.islink(workdir):
+    raise ConfigError(f'--workdir {workdir} is a symlink: pass the directory '
+                      'it points to')
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} is a file: pass a directory')
-  saved = read_config(workdir)
-  has_checkpoints = any(finalized_steps(os.path.join(workdir, d))
-                        for d in (CHECKPOINT_DIR, BEST_DIR))
-  if saved is None:
-    if has_checkpoints:
-      raise ConfigError(f'{workdir} holds checkpoints but no {CONFIG_FILE}: '
-                        f'use a new --workdir')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    raise ConfigError(f'--workdir {workdir} is not writable ({existing} is '
+                      'read-only to this user): pass another --workdir')
+  if not os.path.exists(workdir):
     return False
-  if has_checkpoints:
+  foreign = ownership.foreign_entries(workdir, TRAIN_NAMES)
+  if foreign:
+    raise ConfigError(f'--workdir {workdir} holds {foreign[0]!r}, which '
+                      'train.py did not write: use a new or empty --workdir')
+  saved = read_config(workdir)
+  if saved is None:
+    written = [n for n in sorted(os.listdir(workdir)) if n != LOCK_FILE]
+    if written:
+      raise ConfigError(f'--workdir {workdir} holds {written[0]!r} but no '
+                        f'{CONFIG_FILE}, so train.py did not write it: use a '
+                        'new --workdir')
+    return False
+  if restart:
+    return False
+  steps = finalized_steps(os.path.join(workdir, CHECKPOINT_DIR))
+  # A run creates checkpoints/ before its first step; a best checkpoint
+  # without it is a shipped or exported run, not one killed early.
+  if (finalized_steps(os.path.join(workdir, BEST_DIR))
+      and not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))):
+    raise ConfigError(f'--workdir {workdir} holds a best checkpoint but no '
+                      f'{CHECKPOINT_DIR}/ to resume from: pass --restart to '
+                      'train it again from step 0 (its checkpoints and log '
+                      'are deleted), or use a new --workdir')
+  if steps:
     check_resume(saved, config, workdir)
-  return has_checkpoints
+  return bool(steps)
+
+
+def clear_workdir(workdir: str) -> None:
+  """Deletes a run's files from ``workdir`` (``train.py --restart``).
+
+  Only a directory :func:`check_workdir` accepted is cleared: its config.json
+  proves train.py wrote it, and every entry is a name train.py writes.
+  """
+  if (os.path.islink(workdir) or read_config(workdir) is None
+      or ownership.foreign_entries(workdir, TRAIN_NAMES)):
+    raise ConfigError(f'--workdir {workdir} is not a run train.py wrote: '
+                      'nothing was deleted')
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if name == LOCK_FILE:
+      continue
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.unlink(path)
 
 
 def remove_unfinished_checkpoints(directory: str) -> list[str]:
@@ -287,6 +345,31 @@ class Restored(NamedTuple):
   verified: bool
 
 
+def check_variables(variables: dict, where: str, hint: str = '') -> None:
+  """Refuses variables no IF network can run: a non-finite value, a BN
+  variance < 0, or a threshold <= 0. Every loader (native, PyTorch) calls it.
+
+  A variance of exactly 0 is a channel that was constant in training (e.g.
+  always 0 after a dead ReLU): BatchNorm divides by sqrt(var + ε), so it is
+  valid and kept.
+
+  Raises:
+    CheckpointError: one line naming ``where`` and the first bad leaf.
+  """
+  hint = f': {hint}' if hint else ''
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    name, value = jax.tree_util.keystr(path), np.asarray(leaf)
+    if not np.all(np.isfinite(value)):
+      raise CheckpointError(f'{where} holds non-finite values (first in '
+                            f'{name}){hint}')
+    if name.endswith("['var']") and np.any(value < 0):
+      raise CheckpointError(f'{where} has a negative BatchNorm variance in '
+                            f'{name} ({value.min()}){hint}')
+    if name.endswith("['threshold']") and np.any(value <= 0):
+      raise CheckpointError(f'{where} has a threshold <= 0 in {name} '
+                            f'({value.min()}), which no IF neuron can use')
+
+
 def load_checkpoint(workdir: str, *, which: str = 'best'):
   """Loads a trained model for conversion.
 
@@ -342,18 +425,7 @@ def restore(workdir: str, *, which: str = 'best') -> Restored:
     verified = manager.stored_digests(step) is not None
   finally:
     manager.close()
-  bad = [jax.tree_util.keystr(path) for path, leaf in
-         jax.tree_util.tree_flatten_with_path(variables)[0]
-         if not np.all(np.isfinite(leaf))]
-  if bad:
-    raise CheckpointError(
-        f'checkpoint {manager.where(step)} holds non-finite values (first in '
-        f'{bad[0]}): the run that wrote it diverged; use an earlier checkpoint')
-  thresholds = [leaf for path, leaf in
-                jax.tree_util.tree_flatten_with_path(variables['params'])[0]
-                if jax.tree_util.keystr(path).endswith("['threshold']")]
-  if any(np.any(t <= 0) for t in thresholds):
-    raise CheckpointError(f'checkpoint {manager.where(step)} has a threshold '
-                          '<= 0, which no IF neuron can use')
+  check_variables(variables, f'checkpoint {manager.where(step)}',
+                  'the run that wrote it diverged; use an earlier checkpoint')
   return Restored(config, model, jax.tree.map(jnp.asarray, variables), step,
                   combined_digest(tree_digests(variables)), verified)

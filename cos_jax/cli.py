@@ -4,19 +4,26 @@ Both programs take a config file (``--config``, ml_collections) whose fields
 can be overridden on the command line. Every problem a user can fix is
 reported as one line on stderr, ``<program>: error: <what is wrong and how to
 fix it>``, with exit code 2, before any work is done and without touching
-earlier results.
+earlier results. The machine's own refusals (a full or read-only disk, a name
+too long, a busy path, a corrupted prepared dataset) are one line with exit
+code 1; Ctrl-C and SIGTERM one line with 130 and 143. Each leaves the earlier
+results and checkpoints as they were (every write is atomic).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from cos_jax import runtime
@@ -31,8 +38,72 @@ USAGE_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError,
                 SettingsError, DivergedError, runtime.BusyError)
 
 
-def fail(program: str, message: str) -> NoReturn:
-  """Writes ``<program>: error: <message>`` (one line) and exits with 2."""
+# The operating system's refusals a user can act on: exit code 1, one line.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                      errno.EPERM, errno.ENAMETOOLONG, errno.EBUSY, errno.EIO,
+                      errno.ENOTDIR, errno.EISDIR, errno.EXDEV)
+# The same refusals as other libraries word them (Orbax/TensorStore, TF).
+_ENVIRONMENT_TEXTS = tuple(os.strerror(n) for n in ENVIRONMENT_ERRNOS)
+# TensorFlow's errors for a corrupted or unwritable prepared dataset.
+_DATA_ERRORS = {
+    'DataLossError': 'a prepared dataset file is truncated or corrupted',
+    'PermissionDeniedError': 'the dataset directory is not writable',
+}
+
+
+# How a program spells a config field on its command line (convert.py has
+# a flag per field, --rho; train.py only --config.<field>).
+_FIELD_FLAGS = {'train.py': '--config.{}'}
+
+
+def field_flag(program: str, field: str) -> str:
+  """The flag that sets config ``field`` in ``program`` (``config`` itself
+  is always ``--config``)."""
+  if field == 'config':
+    return '--config'
+  return _FIELD_FLAGS.get(program, '--{}').format(field)
+
+
+class Terminated(BaseException):
+  """SIGTERM arrived (raised in the main thread, like KeyboardInterrupt)."""
+
+
+def _terminate(signum, frame):
+  del signum, frame
+  raise Terminated()
+
+
+def environment_error(e: BaseException) -> str | None:
+  """One line for an error of the machine rather than of the settings (a
+  full or read-only disk, a name too long, a corrupted prepared dataset),
+  found anywhere in ``e``'s chain of causes; None for any other error."""
+  seen = e
+  for _ in range(16):
+    if seen is None:
+      break
+    name = type(seen).__name__
+    if isinstance(seen, OSError) and seen.errno in ENVIRONMENT_ERRNOS:
+      where = seen.filename or ''
+      return f'{seen.strerror or os.strerror(seen.errno)}' + (
+          f': {where}' if where else '') + (
+          '; nothing earlier was overwritten, free space or pick another '
+          'path and rerun')
+    if name in _DATA_ERRORS:
+      return (f'{_DATA_ERRORS[name]} ({name}: {first_line(seen, 200)}): '
+              'delete the dataset\'s folder under the TFDS data directory '
+              '(--data_dir or $TFDS_DATA_DIR) and rerun to prepare it again')
+    text = first_line(seen, 300)
+    hit = next((t for t in _ENVIRONMENT_TEXTS if t in text), None)
+    if hit:
+      return (f'{hit} ({name}: {text}); nothing earlier was overwritten, '
+              'free space or pick another path and rerun')
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+def fail(program: str, message: str, code: int = 2) -> NoReturn:
+  """Writes ``<program>: error: <message>`` (one line) and exits with
+  ``code`` (2: a setting to fix)."""
   message = ' '.join(str(message).split())
   sys.stderr.write(f'{program}: error: {message}\n')
   sys.stderr.flush()
@@ -40,8 +111,8 @@ def fail(program: str, message: str) -> NoReturn:
     # Every process refuses the same settings; nothing was written, and
     # JAX's shutdown barrier would wait for peers that are leaving too.
     sys.stdout.flush()
-    os._exit(2)  # pylint: disable=protected-access
-  sys.exit(2)
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def define_config(program: str, path: str, help_text: str):
@@ -86,17 +157,46 @@ def apply_field_flags(config, holders: dict) -> None:
       config[name] = holder.value
 
 
-def flags_parser(program: str):
+def check_config_type(config, defaults) -> None:
+  """Refuses a ``--config`` file whose get_config() returned something
+  other than a ConfigDict with every field of ``defaults`` (the program's
+  own config file).
+
+  Raises:
+    SettingsError('config', ...): one line naming what is wrong.
+  """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise SettingsError('config', f'get_config() returned '
+                        f'{type(config).__name__}, not an '
+                        'ml_collections.ConfigDict: return one')
+  missing = [name for name in defaults if name not in config]
+  if missing:
+    raise SettingsError('config', f'has no field {missing[0]!r} (of '
+                        f'{len(missing)} missing): start from the program\'s '
+                        'own config file and change its fields')
+
+
+def flags_parser(program: str, defaults=None):
   """An ``app.run`` flags parser with one-line errors.
 
-  Loads the config (so a missing file or an unknown field fails here, before
-  any work) and refuses positional arguments.
+  Loads the config (so a missing file, an unknown field or, given the
+  program's ``defaults``, a config of the wrong type fails here, before any
+  work) and refuses positional arguments.
   """
   def parse(argv: list[str]) -> list[str]:
+    # ml_collections warns through absl before its flags are parsed: keep
+    # stderr to the one line (--verbosity, once parsed, wins).
+    logging.set_verbosity(logging.ERROR)
     try:
       rest = flags.FLAGS(argv)
       if 'config' in flags.FLAGS:
-        flags.FLAGS['config'].value.keys()  # a failed config load raises
+        config = flags.FLAGS['config'].value
+        if defaults is not None:
+          try:
+            check_config_type(config, defaults)
+          except SettingsError as e:
+            fail(program, f'{field_flag(program, e.field)} {e.message}')
+        config.keys()  # a failed config load raises
     except Exception as e:  # pylint: disable=broad-except
       # ml_collections puts the cause (e.g. "No such file") on the last line.
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -145,14 +245,31 @@ def start(host_devices: int, process_flags: dict) -> None:
     # A process that loses its peers aborts after the heartbeat timeout
     # instead of waiting forever in a collective.
     jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=30)
+  elif threading.current_thread() is threading.main_thread():
+    # One process: SIGTERM ends it with one line and 143, as Ctrl-C does.
+    # Under a launcher SIGTERM means a peer failed, and the launcher says so.
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 @contextlib.contextmanager
 def one_line_errors(program: str):
-  """Turns the errors a user can fix into :func:`fail`; others propagate."""
+  """Turns the errors a user can fix into :func:`fail` (exit 2), the
+  machine's (:func:`environment_error`) into exit 1, Ctrl-C and SIGTERM into
+  130 and 143; others propagate."""
   try:
     yield
   except SettingsError as e:
-    fail(program, f'--{e.field} {e.message}')
+    fail(program, f'{field_flag(program, e.field)} {e.message}')
   except USAGE_ERRORS as e:
     fail(program, first_line(e, 500))
+  except KeyboardInterrupt:
+    fail(program, 'interrupted (Ctrl-C); earlier results and checkpoints are '
+         'as they were', 128 + signal.SIGINT)
+  except Terminated:
+    fail(program, 'terminated (SIGTERM); earlier results and checkpoints are '
+         'as they were', 128 + signal.SIGTERM)
+  except Exception as e:  # pylint: disable=broad-except
+    message = environment_error(e)
+    if message is None:
+      raise
+    fail(program, message, 1)

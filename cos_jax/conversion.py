@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Iterable
 
@@ -21,9 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cos_jax import analysis, cost, data, methods, runtime, snn
+from cos_jax import analysis, correction, cost, data, methods, runtime, snn
 from cos_jax.settings import (Calibration, SettingsError, check_positive_int,
                               check_time_chunk)
+
+# Training images pc and bc measure their corrections on: the authors' one
+# batch of the training loader (128 on CIFAR, main_cal_cifar.py).
+DEFAULT_CALIBRATION_EXAMPLES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +36,11 @@ class ConversionSettings:
   """What to measure. Build it with :meth:`from_config` (which validates).
 
   Attributes:
-    calibration: ρ, rounds, schedule and ε of the calibrated methods.
+    calibration: ρ (τ for SRP), rounds, schedule and ε of the methods that
+      take them.
     T: the longest simulation reported (accuracy at every t ≤ T).
-    methods: v0 methods to compare (keys of ``cos_jax.methods.METHODS``).
+    methods: the methods to compare, in the order given; names are bound to
+      ``calibration`` on construction (:func:`cos_jax.methods.for_settings`).
     analysis_T: window of the offset-spike analysis (None: the model's L).
     seed: seed of the random v0 method.
     time_chunk: steps simulated at a time (None: one block).
@@ -41,20 +48,28 @@ class ConversionSettings:
       spikes (docs/cost.md).
     cost_examples: images whose spikes are counted, the first ones of the
       split in whole batches (None: all of them).
+    calibration_examples: training images 'pc' and 'bc' measure their
+      corrections on.
     readout_from: steps at the start of every run that the readout skips
       (Bu et al.'s delayed readout): accuracy at T is over the outputs of
-      steps ``readout_from + 1 .. readout_from + T``, so each method runs
+      steps ``readout_from + 1 .. readout_from + T``, so each run lasts
       ``readout_from`` steps more. 0: the usual readout from step 1.
   """
   calibration: Calibration
   T: int
-  methods: tuple[str, ...]
+  methods: tuple[methods.Method, ...]
   analysis_T: int | None = None
   seed: int = 0
   time_chunk: int | None = None
   cost_model: str | None = cost.DEFAULT_COST_MODEL
   cost_examples: int | None = cost.DEFAULT_COST_EXAMPLES
+  calibration_examples: int = DEFAULT_CALIBRATION_EXAMPLES
   readout_from: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, 'methods', tuple(
+        methods.for_settings(methods.get(m) if isinstance(m, str) else m,
+                             self.calibration) for m in self.methods))
 
   @classmethod
   def from_config(cls, config) -> 'ConversionSettings':
@@ -62,12 +77,12 @@ class ConversionSettings:
     names = tuple(n.strip() for n in str(config.init).split(',') if n.strip())
     if not names:
       raise SettingsError('init', 'needs at least one v0 method')
-    for name in names:
-      methods.get(name)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
       raise SettingsError('init', f'names {", ".join(repeated)} more than '
                           'once; list each method once')
+    calibration = Calibration(config.rho, config.iterations, config.schedule,
+                              config.epsilon, config.saturated)
     analysis_T = config.get('analysis_T')
     readout_from = config.get('readout_from', 0)
     if (isinstance(readout_from, bool) or not isinstance(readout_from, int)
@@ -81,9 +96,7 @@ class ConversionSettings:
                           '(its spikes are those of a run read from step 1): '
                           'pass --cost_model none with it')
     return cls(
-        calibration=Calibration(config.rho, config.iterations,
-                                config.schedule, config.epsilon,
-                                config.saturated),
+        calibration=calibration,
         T=check_positive_int('T', config.T),
         methods=names,
         analysis_T=(None if analysis_T is None
@@ -93,18 +106,44 @@ class ConversionSettings:
         cost_model=cost_model,
         cost_examples=_cost_examples(config.get('cost_examples',
                                                 cost.DEFAULT_COST_EXAMPLES)),
+        calibration_examples=check_positive_int(
+            'calibration_examples', config.get(
+                'calibration_examples', DEFAULT_CALIBRATION_EXAMPLES)),
         readout_from=readout_from)
 
-  def time_steps(self, name: str) -> int:
-    """Steps simulated for ``name``: T, or T + ρ for uncalibrated methods
-    (the paper compares COS at T with the others at T + ρ), plus the
-    ``readout_from`` steps the readout skips."""
-    if methods.get(name).calibrated:
-      return self.T + self.readout_from
-    return self.T + self.calibration.rho + self.readout_from
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(m.name for m in self.methods)
 
-  def calibration_of(self, name: str) -> Calibration | None:
-    return self.calibration if methods.get(name).calibrated else None
+  @property
+  def corrected(self) -> bool:
+    """Whether a method needs a calibration set of training images."""
+    return any(m.corrected for m in self.methods)
+
+  def runs(self) -> dict[str, tuple[methods.Method, int]]:
+    """The runs one batch gets, ``{key: (method, T)}``: one per method up to
+    T, or, for a method corrected per T, one per reported T (key
+    ``'pc@4'``); each ``readout_from`` steps longer, which the readout
+    skips."""
+    out, skip = {}, self.readout_from
+    for m in self.methods:
+      if m.corrected:
+        out.update({run_key(m.name, t): (m, t + skip)
+                    for t in reported_steps(self.T)})
+      else:
+        out[m.name] = (m, self.T + skip)
+    return out
+
+
+def reported_steps(T: int) -> list[int]:
+  """1, 2, 4, ... up to T (T itself included): the T of the tables."""
+  steps = [2**k for k in range(int(math.log2(T)) + 1)]
+  return steps if steps[-1] == T else steps + [T]
+
+
+def run_key(name: str, T: int) -> str:
+  """The key of a per-T run of a corrected method."""
+  return f'{name}@{T}'
 
 
 def _cost_examples(value) -> int | None:
@@ -127,10 +166,10 @@ def longest_block(settings: ConversionSettings, analysis_T: int
   among the method runs and the offset-spike analysis."""
   chunk = settings.time_chunk
   blocks = [(analysis_T, 'analysis_T')]
-  for name in settings.methods:
-    calibration = settings.calibration_of(name)
-    probe = calibration.rho if calibration else 1
-    steps = snn.block_steps(settings.time_steps(name), probe, chunk)
+  for method, T in settings.runs().values():
+    # Pre passes (global probes, SRP's τ) run as one block each.
+    probe = max(method.probe_steps, method.pre_steps)
+    steps = snn.block_steps(method.steps(T), probe, chunk)
     if chunk is None:
       blocks.append((steps, 'time_chunk'))
     elif probe > chunk:
@@ -169,12 +208,8 @@ def check_memory(model, variables, image_shape, settings: ConversionSettings,
 def image_steps(settings: ConversionSettings, analysis_T: int) -> int:
   """Time-steps simulated per image by one conversion run (all methods, the
   probes and the analysis), to size the work before it starts."""
-  total = 2 * analysis_T
-  for name in settings.methods:
-    calibration = settings.calibration_of(name)
-    total += max(settings.time_steps(name), calibration.rho if calibration
-                 else 0)
-  return total
+  return 2 * analysis_T + sum(sum(method.counted(T)) for method, T in
+                              settings.runs().values())
 
 
 @jax.jit
@@ -186,17 +221,16 @@ def correct_per_step(outputs, labels, mask):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'method', 'T', 'calibration', 'time_chunk', 'keep_v0',
-    'readout_from'))
-def _snn_correct(model, variables, images, labels, mask, key, onehots, *,
-                 method, T, calibration, time_chunk, keep_v0=False,
+    'model', 'method', 'T', 'time_chunk', 'keep_v0', 'readout_from'))
+def _snn_correct(model, variables, images, labels, mask, key, onehots,
+                 corrections=None, *, method, T, time_chunk, keep_v0=False,
                  readout_from=0):
-  """(correct per step [T], spike counts per step and fan-out class per IF
-  layer, ``cos_jax.cost.class_counts``, or {} when ``onehots`` is None; the
-  run's v0 if ``keep_v0``, else None)."""
+  """(correct per step [method.steps(T)], spike counts per step and fan-out
+  class per IF layer, ``cos_jax.cost.class_counts``, or {} when ``onehots``
+  is None; the run's v0 if ``keep_v0``, else None)."""
   run = snn.run_method(model, variables, images, key, T=T, method=method,
-                       calibration=calibration, time_chunk=time_chunk,
-                       count_steps=onehots is not None)
+                       time_chunk=time_chunk, count_steps=onehots is not None,
+                       corrections=corrections)
   counts = ({} if onehots is None
             else cost.class_counts(run.intermediates, onehots, mask))
   return (correct_per_step(run.outputs[readout_from:], labels, mask), counts,
@@ -230,8 +264,8 @@ def ann_correct(model, variables, images, labels, mask):
 
 def convert_and_evaluate(model, variables, batches: Iterable[dict],
                          settings: ConversionSettings, *,
-                         mesh: Mesh | None = None,
-                         progress: Any = None) -> dict[str, Any]:
+                         mesh: Mesh | None = None, progress: Any = None,
+                         calibration_images: Any = None) -> dict[str, Any]:
   """Runs the ANN and the SNN variants over ``batches``.
 
   Args:
@@ -244,14 +278,14 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     settings: see :class:`ConversionSettings`.
     mesh: 1-D mesh with axis 'data' (default: all devices).
     progress: optional tqdm-like object with ``update(n)``.
+    calibration_images: ``[N, H, W, C]`` training images, needed when a
+      method is corrected per T ('pc', 'bc'); never the evaluated split.
 
   Returns:
-    ``{'examples', 'ann_accuracy', 'curves': {method: [accuracy at t=1..]},
-    'layers': {'before': per-layer stats, 'after': per-layer stats},
-    'analysis_T', 'seconds': {...}}``, and ``'cost'``
-    (``cos_jax.cost.summarize``: SOPs, energy and rates per method and t,
-    per-layer rates and SOPs, over the first ``settings.cost_examples``
-    samples in whole batches) unless ``settings.cost_model`` is None.
+    ``{'examples', 'ann_accuracy', 'curves': {method: [accuracy at t=1..]
+    (None at a t a per-T method was not run for)}, 'layers': {'before',
+    'after'}, 'analysis_T', 'seconds'}``, and ``'cost'`` (:class:`cos_jax.cost.Counter`'s summary)
+    unless ``settings.cost_model`` is None.
 
   Raises:
     cos_jax.data.DatasetUnavailableError: a batch holds non-finite pixels
@@ -262,123 +296,167 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   variables = runtime.to_global(runtime.to_host(
       {k: variables[k] for k in ('params', 'batch_stats') if k in variables}), replicated)
   analysis_T = settings.analysis_T or model.levels
-  # Offset spikes in the theorems' setting ρ = T = L (paper Fig. 3, Table 3),
-  # before and after COS: the probe spans the analysis window, whatever ρ the
-  # accuracy runs use.
-  analysed = {'before': ('half', None),
-              'after': ('cos', dataclasses.replace(settings.calibration,
-                                                   rho=analysis_T))}
-  key = jax.random.key(settings.seed)
-  ann_hits, examples = 0, 0
-  correct = {name: np.zeros(settings.time_steps(name)
-                           - settings.readout_from, np.int64)
-             for name in settings.methods}
-  layer_totals = dict.fromkeys(analysed)
-  seconds = dict.fromkeys(('ann', *settings.methods, 'analysis', 'cost'), 0.0)
-  network = onehots = None
-  # Per counted batch and method: its real rows and class counts (the totals,
-  # and the standard error over batches).
-  counted_batches = []
-  # (probe-pass steps, main-run steps) of each method's counted spikes. A
-  # sample of the batches is rerun from each method's v0 by one program that
-  # serves every run without probe passes (the longest one's steps); when all
-  # are counted, or the global schedule probes, each method's own program
-  # counts as it runs, which costs less per batch but a compile per method.
-  layouts = {name: cost.run_layout(settings.time_steps(name),
-                                   settings.calibration_of(name))
-             for name in settings.methods}
-  # Per rerun method, whether its v0 is rebuilt from its rule: as an output
-  # of the run, a v0 set by rule alone would be written out on every batch.
-  sampled = settings.cost_model and settings.cost_examples is not None
-  reruns = {
-      name: not (methods.get(name).calibrated or methods.get(name).needs_key)
-      for name, (probed, _) in layouts.items() if sampled and not probed}
-  counted_steps = max((layouts[name][1] for name in reruns), default=None)
-
-  def timed(name, fn):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    seconds[name] += time.perf_counter() - start
-    return out
-
-  local_devices = mesh.local_mesh.size
+  runs, timer = settings.runs(), _Timer(('ann', *settings.names, 'analysis',
+                                         'cost', 'correction'))
+  corrections = timer('correction', lambda: _corrections(
+      model, variables, runs, calibration_images, settings, replicated))
+  key, ann_hits, examples = jax.random.key(settings.seed), 0, 0
+  correct = {k: np.zeros(m.steps(T) - settings.readout_from, np.int64)
+             for k, (m, T) in runs.items()}
+  layers, counter = _Layers(settings, analysis_T), None
   for batch in batches:
-    if 'mask' not in batch:
-      n = len(batch['label'])
-      batch = runtime.pad_batch(batch, -(-n // local_devices) * local_devices)
-    batch = runtime.to_global(batch, batch_sharding)
-    images, labels, mask = batch['image'], batch['label'], batch['mask']
-    finite, n = (runtime.to_host(x) for x in _batch_facts(images, mask))
-    n = int(n)
-    if not finite:
-      raise data.DatasetUnavailableError(
-          f'images {examples}..{examples + n - 1} of the split hold non-finite '
-          'values: the dataset is damaged; prepare it again')
-    if settings.cost_model and network is None:
-      network, onehots = timed('cost', lambda: _cost_network(
-          model, variables, images.shape[1:], len(mask), replicated))
+    images, labels, mask, n = _global_batch(batch, mesh, batch_sharding,
+                                            examples)
+    if settings.cost_model and counter is None:
+      counter = timer('cost', lambda: _counter(
+          model, variables, images.shape[1:], len(mask), replicated,
+          settings, runs))
     key, batch_key = jax.random.split(key)
-    ann_hits += int(runtime.to_host(timed('ann', lambda: ann_correct(
+    ann_hits += int(runtime.to_host(timer('ann', lambda: ann_correct(
         model, variables, images, labels, mask))))
-    counting = network is not None and (
-        settings.cost_examples is None
-        or sum(n for n, _ in counted_batches) < settings.cost_examples)
+    counting = counter is not None and counter.wants_more()
     batch_counts = {}
-    for name in settings.methods:
-      rerun, by_rule = name in reruns, reruns.get(name, False)
-      hits, counts, v0 = timed(name, lambda name=name: _snn_correct(
-          model, variables, images, labels, mask, batch_key,
-          onehots if counting and not rerun else None, method=name,
-          T=settings.time_steps(name),
-          calibration=settings.calibration_of(name),
-          time_chunk=settings.time_chunk, keep_v0=rerun and not by_rule,
-          readout_from=settings.readout_from))
-      correct[name] += runtime.to_host(hits)
-      if counting and rerun:
-        if by_rule:  # sharded like the runs' v0: one count program
-          v0 = jax.device_put(snn.rule_v0(model, variables, images,
-                                          method=name), batch_sharding)
-        counts = timed(name, lambda: _counts_from_v0(
-            model, variables, images, mask, v0, onehots,
-            steps=counted_steps, time_chunk=settings.time_chunk))
-      if counting:
-        kept = sum(layouts[name])  # a rerun spans the longest run's steps
-        batch_counts[name] = {layer: c[:kept] for layer, c in
-                              runtime.to_host(counts).items()}
-    if counting and n:
-      counted_batches.append((n, batch_counts))
-    for when, (name, calibration) in analysed.items():
-      stats, _ = timed('analysis', lambda: analysis.statistics(
-          model, variables, images, mask, None, T=analysis_T, method=name,
-          calibration=calibration))
-      layer_totals[when] = analysis.accumulate(layer_totals[when], stats)
+    for run, (method, T) in runs.items():
+      hits, batch_counts[run] = _run_batch(
+          model, variables, images, labels, mask, batch_key, method, T,
+          settings.time_chunk, corrections.get(run),
+          counter if counting else None, batch_sharding, timer,
+          settings.readout_from)
+      correct[run] += runtime.to_host(hits)
+    if counting:
+      counter.add(n, batch_counts)
+    layers.add(timer, model, variables, images, mask)
     examples += n
     if progress is not None:
       progress.update(n)
-
   if not examples:
     raise ValueError('the split has no examples: check split/num_examples')
-  costs = {} if network is None else {'cost': cost.summarize(
-      network, counted_batches,
-      {name: (settings.time_steps(name), settings.calibration_of(name))
-       for name in settings.methods},
+  costs = {} if counter is None else {'cost': counter.summary(
       cost.COST_MODELS[settings.cost_model])}
-  return {
-      'examples': examples,
-      'ann_accuracy': ann_hits / examples,
-      'curves': {name: (c / examples).tolist() for name, c in correct.items()},
-      'layers': {when: analysis.finalize(total, analysis_T)
-                 for when, total in layer_totals.items()},
-      'analysis_T': analysis_T,
-      'seconds': seconds,
-      **costs,
-  }
+  return {'examples': examples,
+          'ann_accuracy': ann_hits / examples,
+          'curves': _curves(settings, correct, examples),
+          'layers': layers.finalize(),
+          'analysis_T': analysis_T,
+          'seconds': timer.seconds,
+          **costs}
 
 
-def _cost_network(model, variables, image_shape, batch, replicated):
-  """The network's cost structure and its fan-out classes on the devices."""
+class _Timer:
+  """Seconds spent per part of the run (the result's ``'seconds'``)."""
+
+  def __init__(self, parts):
+    self.seconds = dict.fromkeys(parts, 0.0)
+
+  def __call__(self, part, fn):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    self.seconds[part] += time.perf_counter() - start
+    return out
+
+
+def _global_batch(batch, mesh, batch_sharding, seen: int):
+  """(images, labels, mask, real rows) of one batch on the devices; refuses
+  non-finite pixels (``seen``: rows before it, for the message)."""
+  if 'mask' not in batch:
+    n = len(batch['label'])
+    local = mesh.local_mesh.size
+    batch = runtime.pad_batch(batch, -(-n // local) * local)
+  batch = runtime.to_global(batch, batch_sharding)
+  images, labels, mask = batch['image'], batch['label'], batch['mask']
+  finite, n = (runtime.to_host(x) for x in _batch_facts(images, mask))
+  n = int(n)
+  if not finite:
+    raise data.DatasetUnavailableError(
+        f'images {seen}..{seen + n - 1} of the split hold non-finite '
+        'values: the dataset is damaged; prepare it again')
+  return images, labels, mask, n
+
+
+def _run_batch(model, variables, images, labels, mask, key, method, T,
+               time_chunk, corrections, counter, batch_sharding, timer,
+               readout_from=0):
+  """One method's run on one batch: (correct per step, its spike counts on
+  the host, or None when ``counter`` is None). A counted method that
+  replays from its v0 is counted by ``counter``'s shared program."""
+  rerun = counter is not None and counter.reruns(method)
+  by_rule = rerun and counter.by_rule(method)
+  hits, counts, v0 = timer(method.name, lambda: _snn_correct(
+      model, variables, images, labels, mask, key,
+      counter.onehots if counter is not None and not rerun else None,
+      corrections, method=method, T=T, time_chunk=time_chunk,
+      keep_v0=rerun and not by_rule, readout_from=readout_from))
+  if counter is None:
+    return hits, None
+  if rerun:
+    if by_rule:  # sharded like the runs' v0: one count program
+      v0 = jax.device_put(snn.rule_v0(model, variables, images,
+                                      method=method), batch_sharding)
+    counts = timer(method.name, lambda: _counts_from_v0(
+        model, variables, images, mask, v0, counter.onehots,
+        steps=counter.rerun_steps, time_chunk=time_chunk))
+  return hits, runtime.to_host(counts)
+
+
+def _curves(settings, correct, examples) -> dict[str, list]:
+  """Accuracy per method and t; a per-T method has a value at its reported
+  T only (None elsewhere)."""
+  curves = {}
+  for method in settings.methods:
+    if not method.corrected:
+      curves[method.name] = (correct[method.name] / examples).tolist()
+      continue
+    curve = [None] * settings.T
+    for t in reported_steps(settings.T):
+      curve[t - 1] = float(correct[run_key(method.name, t)][-1] / examples)
+    curves[method.name] = curve
+  return curves
+
+
+class _Layers:
+  """The offset-spike analysis, accumulated over batches. In the theorems'
+  setting ρ = T = L (paper Fig. 3, Table 3), before and after COS: the
+  probe spans the analysis window, whatever ρ the accuracy runs use."""
+
+  def __init__(self, settings, analysis_T):
+    self.T = analysis_T
+    self.methods = {
+        'before': methods.METHODS['half'],
+        'after': methods.METHODS['cos'].bind(dataclasses.replace(
+            settings.calibration, rho=analysis_T))}
+    self.totals = dict.fromkeys(self.methods)
+
+  def add(self, timer, model, variables, images, mask):
+    for when, method in self.methods.items():
+      stats, _ = timer('analysis', lambda: analysis.statistics(
+          model, variables, images, mask, None, T=self.T, method=method))
+      self.totals[when] = analysis.accumulate(self.totals[when], stats)
+
+  def finalize(self):
+    return {when: analysis.finalize(total, self.T)
+            for when, total in self.totals.items()}
+
+
+def _corrections(model, variables, runs, images, settings, replicated):
+  """Per run of a corrected method, its correction tree (on the devices,
+  replicated), measured on ``images`` (training images)."""
+  if not settings.corrected:
+    return {}
+  if images is None:
+    raise SettingsError('init', 'pc and bc need training images to '
+                        'calibrate on (calibration_images)')
+  images = jnp.asarray(images[:settings.calibration_examples])
+  return {key: runtime.to_global(runtime.to_host(correction.measure(
+      model, variables, images, method=method, T=T,
+      time_chunk=settings.time_chunk)), replicated)
+          for key, (method, T) in runs.items() if method.corrected}
+
+
+def _counter(model, variables, image_shape, batch, replicated, settings,
+             runs) -> cost.Counter:
+  """The cost accumulator of this run, its fan-out classes on the devices."""
   network = cost.analyse(model, variables, image_shape)
   cost.check_batch(network, batch)
-  onehots = {layer: runtime.to_global(onehot, replicated)
-             for layer, (onehot, _) in cost.fanout_classes(network).items()}
-  return network, onehots
+  return cost.Counter(
+      network, runs, settings.cost_examples,
+      place=lambda x: runtime.to_global(x, replicated))

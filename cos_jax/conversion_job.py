@@ -17,25 +17,29 @@ import jax
 import numpy as np
 import tqdm
 
-from cos_jax import (balance, checkpoints, conversion, data, interop, report,
-                     runtime, user_model)
+from cos_jax import (balance, checkpoints, checks, conversion, data,
+                     interop, ownership, report, runtime, user_model)
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
 
 
 def output_dir(config) -> str:
-  """The config's output directory, checked to be creatable and writable."""
+  """The config's output directory, checked before any work: a new path, an
+  empty directory or one convert.py wrote (:func:`cos_jax.ownership.
+  check_output_dir`; the results replace it as a whole, so nothing else may
+  be there), and writable."""
   path = config.output_dir
   if not path:
     source = config.model or config.torch_checkpoint or config.workdir
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     name = name or 'run'
     path = os.path.join('results', f'{name}_rho{config.rho}_T{config.T}')
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise SettingsError('output_dir', f'{path} exists and is not a directory: '
-                        'pass another --output_dir')
-  parent = os.path.dirname(os.path.abspath(path))
+  protected = [config.torch_checkpoint or config.workdir, config.data_dir]
+  if config.model:  # a user's network file and its folder
+    protected.append(user_model.split_spec(config.model)[0])
+  path = ownership.check_output_dir(path, report.FILES, protected)
+  parent = os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent) or not os.access(
@@ -43,6 +47,23 @@ def output_dir(config) -> str:
     raise SettingsError('output_dir', f'{path} is not writable: pass another '
                         '--output_dir')
   return path
+
+
+def check_length(settings: ConversionSettings, analysis_T: int) -> None:
+  """Refuses a run whose simulated time-steps per image (every method's
+  run and its ρ·iterations probe steps, the analysis) exceed
+  :func:`cos_jax.checks.max_steps`, naming the longest setting."""
+  calibration = settings.calibration
+  candidates = [('T', settings.T), ('analysis_T', analysis_T),
+                ('iterations' if calibration.iterations > 1 else 'rho',
+                 calibration.rho * calibration.iterations)]
+  field, _ = max(candidates, key=lambda item: item[1])
+  value = {'T': settings.T, 'analysis_T': analysis_T, 'rho': calibration.rho,
+           'iterations': calibration.iterations}[field]
+  probes = sum(calibration.rho * calibration.iterations
+               for method in settings.methods if method.probes_own_input)
+  checks.check_steps(field, value,
+                     conversion.image_steps(settings, analysis_T) + probes)
 
 
 def _batches(config, dataset: str, split: str, rows: int, image_shape):
@@ -84,9 +105,11 @@ def convert(config) -> dict:
   if config.checkpoint not in ('best', 'latest'):
     raise SettingsError('checkpoint', f"must be 'best' or 'latest', got "
                         f'{config.checkpoint!r}')
+  check_length(settings, settings.analysis_T or 1)
   out = output_dir(config)
   restored = load(config)
-  train_config = restored.config
+  train_config, model = restored.config, restored.model
+  check_length(settings, settings.analysis_T or model.levels)
   spec = data.dataset_info(train_config.dataset)
   split = config.split or spec.test_split
   restored = balanced(config, restored, spec, split)
@@ -101,6 +124,7 @@ def convert(config) -> dict:
   batch_size = min(config.batch_size, total or config.batch_size)
   rows = -(-batch_size // devices) * devices // processes
   analysis_T = settings.analysis_T or model.levels
+  calibration_images = _calibration_images(config, settings, spec, split)
   conversion.check_memory(model, restored.variables, spec.image_shape,
                           settings, rows, analysis_T)
   lead = jax.process_index() == 0  # only process 0 prints, locks and writes
@@ -117,14 +141,15 @@ def convert(config) -> dict:
           f'rho={calibration.rho}, T<={settings.T}, '
           f'iterations={calibration.iterations}, '
           f'schedule={calibration.schedule}, '
-          f'init={",".join(settings.methods)}; '
+          f'init={",".join(settings.names)}; '
           f'{conversion.image_steps(settings, analysis_T)} simulated '
           'time-steps per image', flush=True)
     start = time.time()
     with tqdm.tqdm(total=total, unit='img', desc='convert',
                    dynamic_ncols=True, disable=not lead) as bar:
       result = conversion.convert_and_evaluate(
-          model, restored.variables, batches, settings, progress=bar)
+          model, restored.variables, batches, settings, progress=bar,
+          calibration_images=calibration_images)
     wall = time.time() - start
     say()
     say(report.format_table(*report.summary_rows(result, settings)))
@@ -195,6 +220,32 @@ def balanced(config, restored: checkpoints.Restored, spec, split: str
     raise refuse(f'the training split {train!r} of {spec.name} cannot be '
                  f'read ({first})') from None
   return restored._replace(variables=variables)
+
+
+def _calibration_images(config, settings, spec, split):
+  """The first ``calibration_examples`` images of the training split, which
+  'pc' and 'bc' calibrate on (the same on every process); None when no
+  method needs them. Refused in one line when there is no training split
+  apart from the evaluated one."""
+  if not settings.corrected:
+    return None
+  train = spec.train_split
+  refuse = lambda why: SettingsError(
+      'init', f'pc and bc calibrate on training images, and {why}: drop '
+      'them from --init')
+  if not train or train == split or not spec.split_sizes.get(train):
+    raise refuse(f'{spec.name} has no training split apart from {split!r}')
+  n = settings.calibration_examples
+  try:
+    batch = next(pipeline.make_dataset(
+        spec.name, train, batch_size=n, train=False, data_dir=config.data_dir,
+        num_examples=n, shard_index=0, num_shards=1, drop_remainder=False))
+  except (data.DatasetUnavailableError, ValueError, KeyError,
+          StopIteration) as e:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise refuse(f'the training split {train!r} of {spec.name} cannot be '
+                 f'read ({first})') from None
+  return batch['image']
 
 
 def source(config) -> str:

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cos_jax import fanout
+from cos_jax import fanout, methods
 from cos_jax.activation import Activation
-from cos_jax.settings import Calibration, SettingsError
+from cos_jax.settings import SettingsError
 
 PyTree = Any
 # Exact counts: a sample's spikes per step and class are summed in float32
@@ -239,29 +239,78 @@ def class_counts(intermediates: PyTree, onehots: dict[str, jax.Array],
   return out
 
 
-def run_layout(steps: int, calibration: Calibration | None
-               ) -> tuple[int, int]:
-  """(probe steps, main-run steps) of the spikes a method's run records for
-  accuracies up to ``steps``: the layerwise fused run records its
-  ``max(ρ, steps)`` steps; the global schedule its ``iterations·ρ`` probe
-  steps, then ``steps``; an uncalibrated method ``steps``."""
-  if calibration is None:
-    return 0, steps
-  if calibration.schedule == 'layerwise':
-    return 0, max(steps, calibration.rho)
-  return calibration.iterations * calibration.rho, steps
+class Counter:
+  """The spike counts of the counted batches: add a batch, then summarise.
+
+  A sample of the batches is counted (the first ``examples`` images in
+  whole batches; None: all). Methods that replay from their v0
+  (``Method.run == FUSED``) are then counted by one program shared by all
+  of them, rerun from each v0 over the longest of their runs: IF neurons
+  are causal, so its first t steps are those of every shorter run. The
+  others (probe passes, SRP's masks, per-T corrections), and every method
+  when all images are counted, count inside their own run (docs/cost.md).
+
+  Args:
+    network: :func:`analyse`'s result.
+    runs: ``{key: (bound Method, T)}``, the runs of one batch
+      (``ConversionSettings.runs``).
+    examples: images to count (None: every image).
+    place: puts a host array on the devices (replicated).
+  """
+
+  def __init__(self, network: Network, runs: dict, examples: int | None,
+               place=lambda x: x):
+    self.network, self.runs, self.examples = network, runs, examples
+    self.onehots = {layer: place(onehot) for layer, (onehot, _) in
+                    fanout_classes(network).items()}
+    self.batches = []
+    self._reruns = {method.name for method, _ in runs.values()
+                    if examples is not None and method.run == methods.FUSED}
+    self.rerun_steps = max((sum(method.counted(T)) for method, T in
+                            runs.values() if method.name in self._reruns),
+                           default=None)
+
+  def reruns(self, method: methods.Method) -> bool:
+    """Whether ``method`` is counted by the shared program from its v0."""
+    return method.name in self._reruns
+
+  def by_rule(self, method: methods.Method) -> bool:
+    """Whether its v0 is rebuilt from its rule rather than kept from its
+    run (as an output, a v0 set by rule alone would be written out on every
+    batch)."""
+    return not (method.probes_own_input or method.needs_key)
+
+  def wants_more(self) -> bool:
+    """Whether the next batch is counted."""
+    return (self.examples is None
+            or sum(n for n, _ in self.batches) < self.examples)
+
+  def add(self, n: int, counts: dict) -> None:
+    """One batch: its real rows ``n`` and ``{key: {layer: [S, K]}}`` (a
+    rerun spans the longest run's steps: each keeps its own)."""
+    if n:
+      self.batches.append((n, {
+          key: {layer: c[:sum(method.counted(T))]
+                for layer, c in counts[key].items()}
+          for key, (method, T) in self.runs.items()}))
+
+  def summary(self, model: CostModel) -> dict:
+    """:func:`summarize` of the counted batches."""
+    return summarize(self.network, self.batches, self.runs, model)
 
 
 def summarize(network: Network, batches: list[tuple[int, dict]],
-              runs: dict[str, tuple[int, Calibration | None]],
+              runs: dict[str, tuple[methods.Method, int]],
               model: CostModel) -> dict:
   """Per-sample SOPs, energy, rates and latency per method and t.
 
   Args:
     network: :func:`analyse`'s result.
-    batches: per counted batch, (its real samples, {method: its
+    batches: per counted batch, (its real samples, {run key: its
       :func:`class_counts` on the host}).
-    runs: per method, (its longest t, its Calibration or None).
+    runs: per run key, (its bound Method, its T). The runs of a method
+      corrected per T (keys ``'pc@4'``) merge into one entry: its values at
+      each run's T, None at the other t.
     model: the energy figures.
 
   Returns:
@@ -285,18 +334,17 @@ def summarize(network: Network, batches: list[tuple[int, dict]],
   energy = lambda s: input_pj + model.ac_pj * s
   neurons = sum(network.neurons.values())
   values = {k: v for k, (_, v) in fanout_classes(network).items()}
-  for name, (steps, calibration) in runs.items():
-    totals = {layer: sum(np.asarray(counts[name][layer], np.int64)
+  for key, (method, T) in runs.items():
+    steps = method.steps(T)
+    totals = {layer: sum(np.asarray(counts[key][layer], np.int64)
                          for _, counts in batches)
               for layer in network.layers}
-    as_run, deployed, layers = _per_sample(network, values, totals, steps,
-                                           calibration, examples)
-    per_batch = [_per_sample(network, values, counts[name], steps,
-                             calibration, n)[0] for n, counts in batches]
-    t = np.arange(1, steps + 1)
-    probe = run_layout(steps, calibration)[0]
-    layerwise = calibration is not None and probe == 0
-    out['methods'][name] = {
+    as_run, deployed, layers = _per_sample(network, values, totals, method,
+                                           T, examples)
+    per_batch = [_per_sample(network, values, counts[key], method, T, n)[0]
+                 for n, counts in batches]
+    buffered, probe_updates = method.buffers(neurons)
+    entry = {
         'sops': as_run.tolist(),
         'sops_stderr': _standard_error([n for n, _ in batches], per_batch,
                                        as_run),
@@ -306,46 +354,63 @@ def summarize(network: Network, batches: list[tuple[int, dict]],
             'sops': deployed.tolist(),
             'energy_pj': energy(deployed).tolist(),
             'relative_energy': (energy(deployed) / ann_pj).tolist(),
-            'latency': (t + (network.depth * calibration.rho if layerwise
-                             else probe)).tolist(),
-            # Layerwise: every layer buffers its first ρ input currents and
-            # runs its probe on them before replaying them.
-            'buffered_currents': (calibration.rho * neurons if layerwise
-                                  else 0),
-            'probe_neuron_updates': (calibration.iterations * calibration.rho
-                                     * neurons if layerwise else 0)},
+            'latency': [method.latency(t, network.depth)
+                        for t in range(1, steps + 1)],
+            'buffered_currents': buffered,
+            'probe_neuron_updates': probe_updates},
         'layers': layers}
+    if key == method.name:
+      out['methods'][key] = entry
+    else:
+      _merge_at(out['methods'].setdefault(method.name, {}), entry, T)
   return out
 
 
+def _merge_at(merged: dict, entry: dict, T: int) -> None:
+  """Puts the value at t = T of every per-t list of ``entry`` into
+  ``merged``, in lists that grow with None (a per-T correction's runs)."""
+  for name, value in entry.items():
+    if isinstance(value, dict):
+      _merge_at(merged.setdefault(name, {}), value, T)
+    elif isinstance(value, list) and len(value) == T:
+      target = merged.setdefault(name, [])
+      target.extend([None] * (T - len(target)))
+      target[T - 1] = value[T - 1]
+    else:
+      merged[name] = value
+
+
 def _per_sample(network: Network, values: dict[str, np.ndarray],
-                counts: dict[str, np.ndarray], steps: int,
-                calibration: Calibration | None, examples: int):
+                counts: dict[str, np.ndarray], method: methods.Method,
+                T: int, examples: int):
   """(SOPs per sample as run [steps], as deployed [steps], per-layer rates
-  and SOPs) from summed class counts ``{layer: [probe + main, K]}`` and each
-  layer's fan-out class values (:func:`fanout_classes`)."""
-  probe, main = run_layout(steps, calibration)
+  and SOPs) from summed class counts ``{layer: [pre + main, K]}``
+  (``method.counted(T)``) and each layer's fan-out class values
+  (:func:`fanout_classes`)."""
+  pre, main = method.counted(T)
+  steps = method.steps(T)
   t = np.arange(1, steps + 1)
-  layerwise = calibration is not None and probe == 0
-  emitted = np.maximum(t, calibration.rho) if layerwise else t
+  emitted = np.array([method.emitted(i) for i in t])
   as_run, deployed = np.zeros(steps), np.zeros(steps)
-  layers, probe_sops = {}, 0
+  layers, pre_sops = {}, 0
   for layer in network.layers:
     layer_counts = np.asarray(counts[layer], np.int64)
-    assert len(layer_counts) == probe + main, (layer, layer_counts.shape,
-                                               probe, main)
+    assert len(layer_counts) == pre + main, (layer, layer_counts.shape,
+                                             pre, main)
     sops = layer_counts @ values[layer]
-    cumulative = np.cumsum(sops[probe:]) / examples
-    spikes = np.cumsum(layer_counts[probe:].sum(1)) / examples
-    probe_sops += sops[:probe].sum() / examples
+    cumulative = np.cumsum(sops[pre:]) / examples
+    spikes = np.cumsum(layer_counts[pre:].sum(1)) / examples
+    pre_sops += sops[:pre].sum() / examples
     as_run += cumulative[emitted - 1]
-    last = network.targets[layer] == (fanout.OUTPUT,)  # emits t steps, not ρ
+    # A streaming chip's last IF layer emits t steps into the output, even
+    # where the fused run computed its ρ probe steps.
+    last = network.targets[layer] == (fanout.OUTPUT,)
     deployed += cumulative[(t if last else emitted) - 1]
     layers[layer] = {
         'rate': (spikes[:steps] / (network.neurons[layer] * t)).tolist(),
         'sops': cumulative[:steps].tolist(),
-        'probe_sops': float(sops[:probe].sum() / examples)}
-  return as_run + probe_sops, deployed + probe_sops, layers
+        'probe_sops': float(sops[:pre].sum() / examples)}
+  return as_run + pre_sops, deployed + pre_sops, layers
 
 
 def _standard_error(sizes: list[int], means: list[np.ndarray],

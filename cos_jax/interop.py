@@ -284,8 +284,10 @@ def load_torch_checkpoint(path_or_state_dict, *, arch: str, num_classes: int,
     'batch_stats'}`` of float32 arrays (float64 when x64 is enabled).
 
   Raises:
-    CheckpointError: not a checkpoint, a refused pickle global, or keys or
-      shapes that do not fit ``arch`` (the message names the first key).
+    CheckpointError: not a checkpoint, a refused pickle global, keys or
+      shapes that do not fit ``arch`` (the message names the first key), or
+      values no IF network can run (:func:`cos_jax.checkpoints.check_variables`:
+      non-finite, a negative variance, a threshold <= 0).
     ValueError: an unknown ``arch`` or bad ``levels``.
 
   Example:
@@ -316,6 +318,7 @@ def load_torch_checkpoint(path_or_state_dict, *, arch: str, num_classes: int,
         tree = tree.setdefault(name, {})
       tree[leaf] = jnp.asarray(np.asarray(
           _to_zoo_layout(layer, leaf, state[key], flatten), dtype))
+  checkpoints.check_variables(variables, _source(path_or_state_dict))
   return model, variables
 
 

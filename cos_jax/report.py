@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import shutil
 
@@ -19,46 +18,87 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from cos_jax import analysis, methods, runtime  # pylint: disable=g-import-not-at-top
-from cos_jax.conversion import ConversionSettings  # pylint: disable=g-import-not-at-top
+from cos_jax import analysis, ownership, runtime  # pylint: disable=g-import-not-at-top
+from cos_jax.conversion import ConversionSettings, reported_steps  # pylint: disable=g-import-not-at-top
 
 FILES = ('results.json', 'results.csv', 'accuracy.png', 'offset_spikes.png',
          'accuracy_energy.png')
 
 
-def report_steps(T: int) -> list[int]:
-  """1, 2, 4, ... up to T (T itself included)."""
-  steps = [2**k for k in range(int(math.log2(T)) + 1)]
-  return steps if steps[-1] == T else steps + [T]
+report_steps = reported_steps  # 1, 2, 4, ... up to T (T itself included)
 
 
-def _label(name: str, rho: int) -> str:
-  method = methods.get(name)
-  return f'{method.label}, rho={rho}' if method.calibrated else method.label
+def _methods(settings: ConversionSettings) -> dict:
+  return {m.name: m for m in settings.methods}
+
+
+def _pct(x) -> str:
+  return '—' if x is None else f'{100 * x:.2f}%'
+
+
+def _at(values: list, t: int):
+  """``values[t - 1]``, None past its end."""
+  return values[t - 1] if 0 < t <= len(values) else None
+
+
+def _rows_of(method) -> list[tuple[str, int]]:
+  """(row label, shift s) of a method's Table-1 rows: accuracy at T + s. A
+  method without a probe has two (at T, and at T + ρ, the paper's
+  comparison with a method that spent ρ probe steps)."""
+  shifts = method.shifts()
+  if len(shifts) == 1:
+    return [(method.display(), 0)]
+  return [(f'{method.display()} at T' + (f'+rho' if s else ''), s)
+          for s in shifts]
 
 
 def summary_rows(result: dict, settings: ConversionSettings
                  ) -> tuple[list[str], list[list[str]]]:
-  """The paper's Table-1 layout: one row per method, columns T = 1, 2, 4, …
-
-  Uncalibrated methods get two rows: at T and at T + ρ (the fair comparison
-  with a calibrated method that spent ρ probe steps).
-  """
+  """The paper's Table-1 layout: rows per method (:func:`_rows_of`),
+  columns T = 1, 2, 4, …; '—' where a method was not run for that T."""
   steps = report_steps(settings.T)
-  rho = settings.calibration.rho
   header = ['method'] + [f'T={t}' for t in steps]
-  pct = lambda x: f'{100 * x:.2f}%'
-  rows = [['ANN (QCFS)'] + [pct(result['ann_accuracy'])] * len(steps)]
-  for name in settings.methods:
-    curve = result['curves'][name]
-    if methods.get(name).calibrated:
-      rows.append([_label(name, rho)] + [pct(curve[t - 1]) for t in steps])
-    else:
-      rows.append([f'{_label(name, rho)} at T'] +
-                  [pct(curve[t - 1]) for t in steps])
-      rows.append([f'{_label(name, rho)} at T+rho'] +
-                  [pct(curve[t + rho - 1]) for t in steps])
+  rows = [['ANN (QCFS)'] + [_pct(result['ann_accuracy'])] * len(steps)]
+  for method in settings.methods:
+    curve = result['curves'][method.name]
+    rows += [[label] + [_pct(_at(curve, t + shift)) for t in steps]
+             for label, shift in _rows_of(method)]
   return header, rows
+
+
+def depth(result: dict) -> int:
+  """IF layers on the longest path (the cost's count; else every IF layer,
+  as in the zoo's chains)."""
+  if 'cost' in result:
+    return result['cost']['depth']
+  return len(result['layers']['before'])
+
+
+def comparison_rows(result: dict, settings: ConversionSettings
+                    ) -> tuple[list[str], list[list[str]]]:
+  """One row per method and reported T: the method's own accounting (T),
+  its total latency (probe and pre-simulation steps included, as a
+  streaming chip would run it), accuracy, and energy per image relative to
+  the ANN (as deployed; '—' without costs)."""
+  header = ['method', 'T', 'total latency', 'accuracy', 'energy / ANN']
+  rows, layers = [], depth(result)
+  for method in settings.methods:
+    curve = result['curves'][method.name]
+    energy = (result['cost']['methods'][method.name]['deployment'][
+        'relative_energy'] if 'cost' in result else [])
+    for t in report_steps(settings.T):
+      e = _at(energy, t)
+      rows.append([method.display(), str(t),
+                   str(method.latency(t, layers)), _pct(_at(curve, t)),
+                   '—' if e is None else f'{e:.3f}'])
+  return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  """The same table in Markdown (docs/comparison.md)."""
+  line = lambda r: '| ' + ' | '.join(r) + ' |'
+  return '\n'.join([line(header), line(['---'] * len(header))]
+                   + [line(r) for r in rows])
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -91,22 +131,28 @@ def format_layers(result: dict) -> str:
 def _cost_lines(result: dict, settings: ConversionSettings
                 ) -> list[tuple[str, str, list[int]]]:
   """(row label, method, the t of each T column) of the cost tables: a
-  calibrated method as run and as deployed (they differ under the layerwise
-  schedule only), an uncalibrated one at T and at T + ρ."""
-  steps, rho = report_steps(settings.T), settings.calibration.rho
+  method without a probe at T and at T + ρ; one whose streaming deployment
+  differs from what is computed (the layerwise probe) as run and as
+  deployed; any other once, with its latency."""
+  steps, layers = report_steps(settings.T), depth(result)
   lines = []
-  for name in settings.methods:
-    label = _label(name, rho)
-    if not methods.get(name).calibrated:
-      lines += [(f'{label} at T', name, steps),
-                (f'{label} at T+rho', name, [t + rho for t in steps])]
-    elif settings.calibration.schedule == 'layerwise':
-      depth = result['cost']['depth']
-      lines += [(f'{label}, as run', name, steps),
-                (f'{label}, deployed (latency {depth}*rho+T)', name, steps)]
+  for method in settings.methods:
+    rows = _rows_of(method)
+    latency = method.latency_text(layers)
+    if len(rows) > 1:
+      lines += [(label, method.name, [t + s for t in steps])
+                for label, s in rows]
+    elif method.buffers(1)[0]:
+      lines += [(f'{method.display()}, as run', method.name, steps),
+                (f'{method.display()}, deployed (latency {latency})',
+                 method.name, steps)]
+    elif method.pre_passes and method.probes_own_input:
+      lines.append((f'{method.display()}, global (latency {latency})',
+                    method.name, steps))
     else:
-      lines.append((f'{label}, global (latency '
-                    f'{settings.calibration.iterations}*rho+T)', name, steps))
+      lines.append((method.display() + (f' (latency {latency})'
+                                        if latency != 'T' else ''),
+                    method.name, steps))
   return lines
 
 
@@ -123,8 +169,9 @@ def cost_rows(result: dict, settings: ConversionSettings,
   for label, name, steps in _cost_lines(result, settings):
     cost = result['cost']['methods'][name]
     kind = cost['deployment'] if 'deployed' in label else cost
-    rows.append([label] + [f'{scale * kind[quantity][t - 1]:.3f}'
-                           for t in steps])
+    rows.append([label] + [
+        '—' if _at(kind[quantity], t) is None
+        else f'{scale * kind[quantity][t - 1]:.3f}' for t in steps])
   return header, rows
 
 
@@ -146,10 +193,13 @@ def format_costs(result: dict, settings: ConversionSettings) -> str:
          format_table(*cost_rows(result, settings, 'sops')), '']
   for name, method in cost['methods'].items():
     relative = method['deployment']['relative_energy']
-    over = [t for t, e in enumerate(relative, start=1) if e >= 1]
-    out.append(f'{_label(name, settings.calibration.rho)}: as costly as the '
+    over = [t for t, e in enumerate(relative, start=1)
+            if e is not None and e >= 1]
+    out.append(f'{_methods(settings)[name].display()}: as costly as the '
                'ANN from ' + (f'T={over[0]}' if over else
                               f'beyond T={len(relative)}'))
+  out += ['', 'each method at its own accounting (T) and at its total '
+          'latency', format_table(*comparison_rows(result, settings))]
   return '\n'.join(out)
 
 
@@ -160,7 +210,7 @@ def _counted(cost: dict) -> str:
           f'({cost["batches"]} batches; --cost_examples)')
   errors = [e / s for method in cost['methods'].values()
             for s, e in zip(method['sops'], method['sops_stderr'] or [])
-            if s > 0]
+            if s and e is not None]
   if errors:
     line += (f'; standard error of the SOPs per image at most '
              f'{100 * max(errors):.2f}% of their value')
@@ -195,29 +245,43 @@ def _png(fig) -> bytes:
   return buf.getvalue()
 
 
-def accuracy_figure(result: dict, settings: ConversionSettings) -> bytes:
-  """PNG: accuracy against time-steps T for every method (log-2 T axis).
+def _points(curve: list, steps) -> tuple[list[int], list[float]]:
+  """(t, accuracy %) for the t in ``steps`` the curve has a value at."""
+  kept = [t for t in steps if _at(curve, t) is not None]
+  return kept, [100 * curve[t - 1] for t in kept]
 
-  Uncalibrated methods are drawn twice: at T (solid) and shifted by ρ (dashed,
-  their accuracy at T+ρ plotted at T), the paper's fair comparison.
-  """
-  rho, T = settings.calibration.rho, settings.T
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  steps = np.arange(1, T + 1)
-  for name, curve in result['curves'].items():
-    curve = 100 * np.asarray(curve)
-    line, = ax.plot(steps, curve[:T], marker='.', label=_label(name, rho))
-    if not methods.get(name).calibrated:
-      ax.plot(steps, curve[rho:rho + T], ls='--', color=line.get_color(),
-              label=f'{_label(name, rho)} at T+ρ')
-  ax.axhline(100 * result['ann_accuracy'], color='k', lw=1, ls=':',
-             label='ANN')
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel('time-steps T')
-  ax.set_ylabel('accuracy (%)')
-  ax.set_title(f'accuracy vs T ({result["examples"]} examples)')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+
+def accuracy_figure(result: dict, settings: ConversionSettings) -> bytes:
+  """PNG, two panels. Left: accuracy against T, each method at its own
+  accounting (a method without a probe also at T + ρ, dashed: its accuracy
+  at T + ρ plotted at T, the paper's comparison). Right: accuracy against
+  the total latency, probe and pre-simulation steps included."""
+  T, layers = settings.T, depth(result)
+  fig, (own, total) = plt.subplots(1, 2, figsize=(12, 4.2))
+  for method in settings.methods:
+    curve = result['curves'][method.name]
+    t, y = _points(curve, range(1, T + 1))
+    line, = own.plot(t, y, marker='.', label=method.display())
+    for shift in method.shifts()[1:]:
+      t2, y2 = _points(curve, range(1 + shift, T + shift + 1))
+      own.plot([i - shift for i in t2], y2, ls='--', color=line.get_color(),
+               label=f'{method.display()} at T+ρ')
+    # Every t it ran, T + ρ included: the latency axis puts them in place.
+    t, y = _points(curve, range(1, len(curve) + 1))
+    total.plot([method.latency(i, layers) for i in t], y, marker='.',
+               color=line.get_color(), label=method.display())
+  for ax, xlabel in ((own, 'time-steps T (each method\'s own accounting)'),
+                     (total, 'total latency (probe / pre-simulation steps '
+                      'included)')):
+    ax.axhline(100 * result['ann_accuracy'], color='k', lw=1, ls=':',
+               label='ANN')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  own.set_title(f'accuracy vs T ({result["examples"]} examples)')
+  total.set_title('accuracy vs total latency')
   return _png(fig)
 
 
@@ -262,20 +326,20 @@ def accuracy_energy_figure(result: dict, settings: ConversionSettings
                            ) -> bytes:
   """PNG: accuracy against energy per image relative to the ANN (as
   deployed), one curve per method through T = 1, 2, 4, ... (and T + ρ for
-  uncalibrated methods), the ANN at (1, its accuracy)."""
+  a method without a probe), the ANN at (1, its accuracy)."""
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   if 'cost' not in result:
     ax.text(0.5, 0.5, 'no costs counted (cost_model none)', ha='center')
     return _png(fig)
-  rho = settings.calibration.rho
-  for name, curve in result['curves'].items():
-    steps = report_steps(settings.T)
-    if not methods.get(name).calibrated:
-      steps = sorted(set(steps) | {t + rho for t in steps})
-    energy = result['cost']['methods'][name]['deployment']['relative_energy']
+  for method in settings.methods:
+    curve = result['curves'][method.name]
+    steps = sorted({t + s for t in report_steps(settings.T)
+                    for s in method.shifts()})
+    steps, y = _points(curve, steps)
+    energy = result['cost']['methods'][method.name]['deployment'][
+        'relative_energy']
     x = [energy[t - 1] for t in steps]
-    y = [100 * curve[t - 1] for t in steps]
-    ax.plot(x, y, marker='o', ms=3, label=_label(name, rho))
+    ax.plot(x, y, marker='o', ms=3, label=method.display())
     for t, xi, yi in zip(steps, x, y):
       ax.annotate(str(t), (xi, yi), fontsize=6, xytext=(2, 2),
                   textcoords='offset points')
@@ -303,6 +367,8 @@ def _csv(result: dict) -> str:
                   + (['', '1.000000', '1.000000', ''] if costs else []))
   for name, curve in result['curves'].items():
     for t, acc in enumerate(curve, start=1):
+      if acc is None:  # a per-T method is not run at this t
+        continue
       extra = []
       if costs:
         cost = costs[name]
@@ -345,17 +411,49 @@ def write_results(output_dir: str, result: dict, settings: ConversionSettings,
   try:
     for name in FILES:
       runtime.write_atomic(os.path.join(build, name), contents[name])
+    runtime.write_atomic(os.path.join(build, ownership.RESULTS_MARKER), '')
+    # Proven again under the lock, just before the old set is deleted.
+    ownership.check_output_dir(output_dir, FILES)
     runtime.replace_directory(build, output_dir)
   except BaseException:
-    shutil.rmtree(build, ignore_errors=True)
+    if ownership.is_leftover(build, FILES):
+      shutil.rmtree(build, ignore_errors=True)
     raise
   return [os.path.join(output_dir, name) for name in FILES]
 
 
 def _remove_leftovers(output_dir: str) -> None:
-  """Deletes what an earlier, killed write left beside ``output_dir``."""
+  """Deletes what an earlier, killed write left beside ``output_dir`` (only
+  directories holding nothing but what that write makes)."""
   parent = os.path.dirname(os.path.abspath(output_dir))
   prefix = f'.{os.path.basename(os.path.abspath(output_dir))}.tmp-'
   for name in os.listdir(parent) if os.path.isdir(parent) else ():
-    if name.startswith(prefix):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    path = os.path.join(parent, name)
+    if name.startswith(prefix) and ownership.is_leftover(path, FILES):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def comparison_markdown(paths: list[str]) -> str:
+  """The comparison table (:func:`comparison_rows`) of one or more
+  results.json files, in Markdown: ``python -m cos_jax.report A.json ...``
+  (docs/comparison.md). The ANN's row comes from the first file."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  rows, header, ann = [], None, None
+  for path in paths:
+    with open(path) as f:
+      result = json.load(f)
+    settings = ConversionSettings.from_config(
+        ml_collections.ConfigDict(result['config']))
+    header, more = comparison_rows(result, settings)
+    schedule = settings.calibration.schedule
+    rows += [[f'{r[0]} ({schedule})' if 'rho=' in r[0] else r[0]] + r[1:]
+             for r in more if r not in rows]
+    ann = ann or result['ann_accuracy']
+  rows.append(['ANN (QCFS)', '—', '—', _pct(ann), '1.000'])
+  return markdown_table(header, rows)
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  print(comparison_markdown(sys.argv[1:]))

@@ -1,4 +1,12 @@
-"""Settings of a spiking run, validated once where they enter.
+"""Settings of a spiking run, validated once where they enter, and the checks
+both programs' settings share.
+
+Every setting a user types (a ``configs/convert.py`` field, a training config
+field, a keyword of the library) is checked by one of :func:`check_positive_int`,
+:func:`check_optional_positive_int`, :func:`check_number` and
+:func:`check_choice`, which raise :class:`SettingsError` naming the field; the
+programs print it as one line (``--rho ...`` for convert.py,
+``--config.learning_rate ...`` for train.py).
 
 :class:`Calibration` says how the initial potentials are calibrated (ρ, rounds,
 schedule, ε). It is frozen and hashable: the public functions build it from
@@ -15,6 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+import numpy as np
 
 from cos_jax.neuron import DEFAULT_EPSILON
 
@@ -50,9 +61,39 @@ class SettingsError(ValueError):
 
 
 def check_positive_int(field: str, value) -> int:
-  """Returns ``value`` if it is an int ≥ 1 (bools are not), else raises."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  """``value`` as an int if it is an integer ≥ 1 (Python's or NumPy's, e.g.
+  ``np.int64(4)``; bools are not), else raises SettingsError."""
+  if (isinstance(value, (bool, np.bool_))
+      or not isinstance(value, numbers.Integral) or value < 1):
     raise SettingsError(field, f'must be a positive integer, got {value!r}')
+  return int(value)
+
+
+def check_optional_positive_int(field: str, value) -> int | None:
+  """None, or :func:`check_positive_int` of ``value``."""
+  if value is None:
+    return None
+  try:
+    return check_positive_int(field, value)
+  except SettingsError:
+    raise SettingsError(field, f'must be None or a positive integer, got '
+                        f'{value!r}') from None
+
+
+def check_number(field: str, value, wanted: str, ok=lambda v: True) -> float:
+  """``value`` as a float if it is a finite real number (bools are not) for
+  which ``ok`` holds, else SettingsError saying it must be ``wanted``."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or not ok(value)):
+    raise SettingsError(field, f'must be {wanted}, got {value!r}')
+  return float(value)
+
+
+def check_choice(field: str, value, choices, what: str | None = None):
+  """``value`` if it is one of ``choices``, else SettingsError listing them."""
+  if value not in choices:
+    raise SettingsError(field, f'unknown {what or field} {value!r}: choose '
+                        f'one of {", ".join(map(str, choices))}')
   return value
 
 
@@ -92,18 +133,11 @@ class Calibration:
   saturated: str = DEFAULT_SATURATED
 
   def __post_init__(self):
-    check_positive_int('rho', self.rho)
-    check_positive_int('iterations', self.iterations)
-    if self.schedule not in SCHEDULES:
-      raise SettingsError('schedule', f'must be one of {", ".join(SCHEDULES)}'
-                          f', got {self.schedule!r}')
-    epsilon = self.epsilon
-    if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
-        or not math.isfinite(epsilon) or not 0 < epsilon < 1):
-      raise SettingsError('epsilon', 'is a fraction of the threshold and must '
-                          f'lie in (0, 1), got {epsilon!r}')
-    object.__setattr__(self, 'epsilon', float(epsilon))
-    if self.saturated not in SATURATED_RULES:
-      raise SettingsError('saturated', f'must be one of '
-                          f'{", ".join(SATURATED_RULES)}, got '
-                          f'{self.saturated!r}')
+    object.__setattr__(self, 'rho', check_positive_int('rho', self.rho))
+    object.__setattr__(self, 'iterations',
+                       check_positive_int('iterations', self.iterations))
+    check_choice('schedule', self.schedule, SCHEDULES)
+    object.__setattr__(self, 'epsilon', check_number(
+        'epsilon', self.epsilon, 'a fraction of the threshold in (0, 1)',
+        lambda v: 0 < v < 1))
+    check_choice('saturated', self.saturated, SATURATED_RULES, 'rule')

@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from cos_jax import methods, neuron
+from cos_jax import checks, methods, neuron
 from cos_jax.activation import SpikingConfig
+from cos_jax.blocks import block_steps, memory_bound
+from cos_jax.checks import run_bounds
 from cos_jax.traced import check_model
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
-                              Calibration, check_positive_int,
+                              check_positive_int,
                               check_time_chunk)
 
 PyTree = Any
@@ -48,16 +50,21 @@ def spiking(model: nn.Module, config: SpikingConfig) -> nn.Module:
   return model.clone(spiking=config)
 
 
-def _model_variables(variables: PyTree, v0: PyTree | None) -> dict:
+def _model_variables(variables: PyTree, v0: PyTree | None,
+                     extra: dict | None = None) -> dict:
   out = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
   if v0 is not None:
     out['v0'] = v0
-  return out
+  return {**out, **(extra or {})}
 
 
 def _apply(model, variables, images, v0, config: SpikingConfig,
-           capture: bool = False, key: jax.Array | None = None):
-  """One spiking pass; returns (outputs [steps, B, C], mutated collections)."""
+           capture: bool = False, key: jax.Array | None = None,
+           extra: dict | None = None):
+  """One spiking pass; returns (outputs [steps, B, C], mutated collections).
+
+  ``extra``: more read-only collections, SRP's ``'mask'`` or bc's
+  ``'shift'`` (trees like the v0 tree)."""
   check_model(model, variables, images)  # once per model and shape
   mutable = []
   if v0 is None or config.method is not None:
@@ -67,7 +74,8 @@ def _apply(model, variables, images, v0, config: SpikingConfig,
   if config.keep_final_v:
     mutable.append('v_end')
   out, state = spiking(model, config).apply(
-      _model_variables(variables, v0), images, train=False, mutable=mutable,
+      _model_variables(variables, v0, extra), images, train=False,
+      mutable=mutable,
       rngs=None if key is None else {'v0': key})
   # Sample-major time folding (see Activation): [B·T, C] -> [T, B, C].
   outputs = jnp.moveaxis(
@@ -77,7 +85,7 @@ def _apply(model, variables, images, v0, config: SpikingConfig,
 
 def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
                    capture: bool = False, time_chunk: int | None = None,
-                   key: jax.Array | None = None):
+                   key: jax.Array | None = None, extra: dict | None = None):
   """:func:`_apply` over ``config.steps`` steps, run in time chunks.
 
   The first chunk runs ``config`` (so a layer-wise probe, which needs its
@@ -92,17 +100,18 @@ def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
   first_steps = block_steps(config.steps, config.probe_steps, time_chunk,
                             config.record_steps)
   if config.steps <= first_steps:
-    return _apply(model, variables, images, v0, config, capture, key)
+    return _apply(model, variables, images, v0, config, capture, key, extra)
   outputs, state = _apply(
       model, variables, images, v0,
       dataclasses.replace(config, steps=first_steps, keep_final_v=True),
-      capture, key)
+      capture, key, extra)
   v_end = state.pop('v_end')
   full_chunks, remainder = divmod(config.steps - first_steps, time_chunk)
   continue_for = lambda steps, v: _apply(
       model, variables, images, v,
       SpikingConfig(steps=steps, keep_final_v=True,
-                    count_steps=config.count_steps))
+                    count_steps=config.count_steps, masked=config.masked,
+                    shifted=config.shifted), extra=extra)
   pieces, counted = [outputs], [state.get('intermediates', {})]
   if full_chunks:
     def one_chunk(v, _):
@@ -137,14 +146,31 @@ def _join_step_spikes(base: dict, trees: list[dict]) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def check_inputs(variables: PyTree, images) -> None:
-  """Raises ValueError for an empty batch or a threshold that is not > 0.
+def check_inputs(variables: PyTree, images, model: nn.Module | None = None,
+                 v0: PyTree | None = None, *, steps: tuple = (),
+                 block: tuple | None = None) -> None:
+  """The public functions' argument checks (:mod:`cos_jax.checks`).
 
-  (Thresholds are checked where they are concrete, outside ``jit``.)
+  Raises ValueError or SettingsError (one line naming the argument) for
+  images that are not an array with a batch axis or do not fit the model's
+  variables, variables without 'params', a threshold that is not finite and
+  > 0, a v0 whose leaves are not those of this model and batch, non-finite
+  images, NaN in v0 (+inf is a calibrated value), a run longer than
+  :func:`cos_jax.checks.max_steps`, or a block larger than the memory.
+
+  Args:
+    steps: ``(field, value, time-steps per image)`` of the settings that set
+      the run's length.
+    block: ``(field, value, time-steps)`` of the longest time-folded block
+      and the setting that makes it long.
+
+  Shapes are checked under ``jit`` too; values (thresholds, finiteness) only
+  where concrete: under ``jit`` a threshold of 0 passes (docs/reliability.md).
   """
-  if images.ndim < 2 or images.shape[0] == 0:
-    raise ValueError(f'images must be a batch [B, ...] with B >= 1, got shape '
-                     f'{images.shape}')
+  checks.check_images(images)
+  checks.check_variables(variables)
+  for field, value, total in steps:
+    checks.check_steps(field, value, total)
   flat = traverse_util.flatten_dict(variables['params'])
   for path, value in flat.items():
     if path[-1] == 'threshold':
@@ -152,6 +178,17 @@ def check_inputs(variables: PyTree, images) -> None:
         neuron.check_threshold(value)
       except ValueError as e:
         raise ValueError(f'{"/".join(path)}: {e}') from None
+  if model is not None:
+    facts = checks.model_facts(model, variables, images.shape[1:],
+                               images.shape)
+    if v0 is not None:
+      checks.check_v0(v0, facts, images.shape[0])
+    if block is not None:
+      field, value, block_length = block
+      checks.check_memory(field, value, memory_bound(
+          model, variables, images.shape[1:], batch=images.shape[0],
+          steps=block_length))
+  checks.check_finite('images', images)
 
 
 def _thresholds_like(v0_shapes: PyTree, params: PyTree) -> PyTree:
@@ -183,6 +220,7 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
     >>> float(v0['Activation_0']['v0'].max())  # θ/2, θ = 8.0 at init
     4.0
   """
+  check_inputs(variables, images, model)
   config = SpikingConfig(steps=1)
   shapes = jax.eval_shape(
       lambda v, x: _apply(model, v, x, None, config)[1]['v0'], variables,
@@ -195,39 +233,39 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
 
 @functools.partial(jax.jit, static_argnames=('model', 'method'))
 def rule_v0(model: nn.Module, variables: PyTree, images: jax.Array, *,
-            method: str) -> PyTree:
-  """The v0 pytree of a method that neither calibrates nor draws (θ/2 for
+            method: methods.Method) -> PyTree:
+  """The v0 pytree of a method that neither probes nor draws (θ/2 for
   'half', 0 for 'zero'): its rule applied to θ and the shapes, as
   :func:`init_v0` (no forward computation)."""
   start = init_v0(model, variables, images)
   return jax.tree.map(
-      lambda v, threshold: methods.layer_v0(method, v[None], threshold, v,
-                                            None, 0),
+      lambda v, threshold: method.layer_v0(v[None], threshold, v, 0),
       start, _thresholds_like(start, variables['params']))
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'method',
-                                             'calibration'))
-def _calibrate(model, variables, images, v0, *, method: str,
-               calibration: Calibration) -> PyTree:
-  """v0 after ``method``'s calibration over ρ steps (``method`` calibrated)."""
-  config = SpikingConfig(steps=calibration.rho, method=method,
-                         calibration=calibration)
-  if config.runs_from_new_v0:  # layerwise: one pass does every round
+@functools.partial(jax.jit, static_argnames=('model', 'method'))
+def _calibrate(model, variables, images, v0, *,
+               method: methods.Method) -> PyTree:
+  """v0 after a probing ``method``'s calibration over ρ steps."""
+  config = SpikingConfig(steps=method.rho, method=method)
+  if method.run == methods.FUSED:  # layerwise: one pass does every round
     return _apply(model, variables, images, v0, config)[1]['v0']
-  return _global_passes(model, variables, images, v0, config)[0]
+  return _global_passes(model, variables, images, v0, config,
+                        method.pre_passes)[0]
 
 
-def _global_passes(model, variables, images, v0, config: SpikingConfig):
-  """The global schedule's ``iterations`` network-wide passes of ρ steps
-  from ``v0`` (θ/2 if None). Returns (calibrated v0, intermediates), where
-  ``config.count_steps`` spike counts span every pass in order."""
+def _global_passes(model, variables, images, v0, config: SpikingConfig,
+                   passes: int):
+  """The global schedule's ``passes`` network-wide probe passes of
+  ``config.steps`` (ρ) steps from ``v0`` (θ/2 if None). Returns (calibrated
+  v0, intermediates), where ``config.count_steps`` spike counts span every
+  pass in order."""
   if v0 is None:
     v0 = init_v0(model, variables, images)
   def one_pass(v, _):
     _, state = _apply(model, variables, images, v, config)
     return state['v0'], state.get('intermediates', {})
-  v0, sown = jax.lax.scan(one_pass, v0, length=config.calibration.iterations)
+  v0, sown = jax.lax.scan(one_pass, v0, length=passes)
   return v0, jax.tree.map(_merge_leading, sown)
 
 
@@ -273,10 +311,11 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
     >>> cos_jax.simulate(model, variables, images, v0, T=4).shape
     (4, 2, 10)
   """
-  calibration = Calibration(rho, iterations, schedule, epsilon, saturated)
-  check_inputs(variables, images)
-  return _calibrate(model, variables, images, v0, method='cos',
-                    calibration=calibration)
+  method = methods.resolve('cos', rho, iterations, schedule, epsilon,
+                           saturated)
+  check_inputs(variables, images, model, v0,
+               **run_bounds(0, method.calibration, None))
+  return _calibrate(model, variables, images, v0, method=method)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'T', 'time_chunk'))
@@ -327,41 +366,9 @@ def simulate(model: nn.Module, variables: PyTree, images: jax.Array,
     (2,)
   """
   T, time_chunk = check_positive_int('T', T), check_time_chunk(time_chunk)
-  check_inputs(variables, images)
+  check_inputs(variables, images, model, v0,
+               **run_bounds(T, None, time_chunk))
   return _simulate(model, variables, images, v0, T=T, time_chunk=time_chunk)
-
-
-# Upper bound of XLA's temp memory of a time-folded block, as a fraction of
-# batch × steps × (all module outputs of one image): measured 0.08-0.41 on
-# the small net, ResNet-20 and a narrow VGG-16 (compiled memory analysis,
-# chunked and unchunked), so half of it never under-estimates.
-_MEMORY_FRACTION = 0.5
-
-
-def memory_bound(model: nn.Module, variables: PyTree, image_shape, *,
-                 batch: int, steps: int) -> int:
-  """Upper bound, in bytes, of the temp memory of one spiking block.
-
-  A block is what one time-folded pass holds at once: ``steps`` time-steps of
-  ``batch`` images (a time chunk, or ρ, or the whole run without chunks).
-  Computed from shapes only (``jax.eval_shape``), before any compilation.
-  """
-  _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, capture_intermediates=True,
-                               mutable=['intermediates']),
-      {k: variables[k] for k in ('params', 'batch_stats') if k in variables},
-      jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
-  per_image_step = sum(leaf.size * leaf.dtype.itemsize
-                       for leaf in jax.tree.leaves(state))
-  return int(_MEMORY_FRACTION * batch * steps * per_image_step)
-
-
-def block_steps(T: int, probe_steps: int, time_chunk: int | None,
-                record_steps: int = 0) -> int:
-  """Steps of the longest block a run of ``T`` steps folds at once."""
-  total = max(T, probe_steps)
-  first = max(time_chunk or total, probe_steps, record_steps)
-  return min(total, first)
 
 
 class SNNRun(NamedTuple):
@@ -384,50 +391,81 @@ class SNNRun(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'T', 'method', 'calibration', 'record_steps', 'time_chunk',
-    'count_steps'))
+    'model', 'T', 'method', 'record_steps', 'time_chunk', 'count_steps'))
 def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
-               key: jax.Array | None, *, T: int, method: str,
-               calibration: Calibration | None, record_steps: int = 0,
+               key: jax.Array | None, *, T: int, method: methods.Method,
+               record_steps: int = 0,
                time_chunk: int | None = DEFAULT_TIME_CHUNK,
-               count_steps: bool = False) -> SNNRun:
+               count_steps: bool = False,
+               corrections: PyTree | None = None) -> SNNRun:
   """:func:`evaluate_snn` on settings already validated (no checks here).
 
-  ``calibration`` is the :class:`~cos_jax.settings.Calibration` of a
-  calibrated method and None otherwise; ``key`` is needed by 'random' only.
-  Under the layerwise schedule (and for every uncalibrated method) this is one
-  fused pass: each layer sets its v(0), then runs ``max(ρ, T)`` steps, so
-  that the next layer has ρ probe inputs too. The global schedule calibrates
-  first and then simulates T steps.
+  ``method`` is a bound :class:`~cos_jax.methods.Method`; it says how the
+  run goes (``method.run``) and how many steps it simulates
+  (``method.steps(T)``, the length of the outputs). ``key`` is needed by
+  'random' only; ``corrections`` (:func:`cos_jax.correction.measure`) by
+  'pc' and 'bc' only.
+
+  * FUSED (the layerwise probe, and every fill rule): one pass in which each
+    layer sets its v(0), then runs ``method.layer_steps(T)`` steps, so that
+    the next layer has its probe inputs too.
+  * PASSES (the global schedule): probe passes, then the main run.
+  * PRESIM (SRP): a τ-step pass from θ/2 sets each neuron's mask, then the
+    main run from θ/2 passes on s·θ·mask.
+  * CORRECTED (pc, bc): the main run with the measured corrections.
 
   With ``count_steps`` the intermediates also hold each layer's
   ``'step_spikes'`` (:class:`~cos_jax.activation.SpikingConfig`) over every
-  step that passed spikes on: the fused run's ``max(ρ, T)`` steps, or the
-  global passes' ``iterations·ρ`` steps followed by the T-step run.
+  step that passed spikes on, the pre passes first (``method.counted(T)``).
   """
-  probe_steps = 1 if calibration is None else calibration.rho
-  config = SpikingConfig(steps=max(T, probe_steps), method=method,
-                         calibration=calibration, record_steps=record_steps,
-                         count_steps=count_steps)
-  if config.runs_from_new_v0:
+  steps = method.steps(T)
+  if method.run == methods.FUSED:
+    config = SpikingConfig(steps=method.layer_steps(T), method=method,
+                           record_steps=record_steps, count_steps=count_steps)
     outputs, state = _apply_chunked(model, variables, images, None, config,
                                     capture=bool(record_steps),
                                     time_chunk=time_chunk, key=key)
-    v0 = state['v0']
-  else:
-    v0, probed = _global_passes(
+    return SNNRun(outputs[:steps], state['v0'],
+                  state.get('intermediates', {}))
+  extra, start, probed = {}, None, None
+  if method.run == methods.PASSES:
+    start, probed = _global_passes(
         model, variables, images, None,
-        SpikingConfig(steps=calibration.rho, method=method,
-                      calibration=calibration, count_steps=count_steps))
-    outputs, state = _apply_chunked(
-        model, variables, images, v0,
-        SpikingConfig(steps=T, record_steps=record_steps,
-                      count_steps=count_steps),
-        capture=bool(record_steps), time_chunk=time_chunk)
-    if count_steps:
-      state['intermediates'] = _join_step_spikes(
-          state['intermediates'], [probed, state['intermediates']])
-  return SNNRun(outputs[:T], v0, state.get('intermediates', {}))
+        SpikingConfig(steps=method.pre_steps, method=method,
+                      count_steps=count_steps), method.pre_passes)
+  elif method.run == methods.PRESIM:
+    extra['mask'], probed = _presim_mask(model, variables, images, method,
+                                         count_steps)
+  elif method.run == methods.CORRECTED:
+    start = corrections.get('v0')
+    extra = {k: v for k, v in corrections.items() if k != 'v0'}
+  outputs, state = _apply_chunked(
+      model, variables, images, start,
+      SpikingConfig(steps=steps, record_steps=record_steps,
+                    count_steps=count_steps, masked='mask' in extra,
+                    shifted='shift' in extra),
+      capture=bool(record_steps), time_chunk=time_chunk, extra=extra)
+  if count_steps and probed is not None:
+    state['intermediates'] = _join_step_spikes(
+        state['intermediates'], [probed, state['intermediates']])
+  v0 = start if start is not None else state['v0']
+  return SNNRun(outputs, v0, state.get('intermediates', {}))
+
+
+def _presim_mask(model, variables, images, method: methods.Method,
+                 count_steps: bool):
+  """SRP's pre-simulation: the whole network runs τ steps from θ/2; per
+  neuron and sample, mask = [v(τ) > 1e-3·θ] (1.0 or 0.0, ``[B, ...]`` per
+  layer, the v0 tree's layout). Returns (mask, the pass's intermediates)."""
+  _, state = _apply(model, variables, images, None,
+                    SpikingConfig(steps=method.pre_steps, keep_final_v=True,
+                                  count_steps=count_steps))
+  v_end = state['v_end']
+  mask = jax.tree.map(
+      lambda v, threshold: (v > methods.SRP_MASK_FRACTION * threshold.astype(
+          v.dtype)).astype(v.dtype),
+      v_end, _thresholds_like(v_end, variables['params']))
+  return mask, state.get('intermediates', {})
 
 
 def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
@@ -437,7 +475,8 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
                  saturated: str = DEFAULT_SATURATED,
                  key: jax.Array | None = None,
                  record_steps: int = 0,
-                 time_chunk: int | None = DEFAULT_TIME_CHUNK) -> SNNRun:
+                 time_chunk: int | None = DEFAULT_TIME_CHUNK,
+                 calibration_images: jax.Array | None = None) -> SNNRun:
   """Sets v0 by ``init`` and simulates T steps, in one compiled pass.
 
   For ``init='cos'`` with the layerwise schedule this is the fused path: every
@@ -445,11 +484,18 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
   result equals ``simulate(calibrate(...), T)``.
 
   Args:
-    init: a v0 method of :data:`cos_jax.methods.METHODS`: 'cos' (calibrated
+    init: a method of :data:`cos_jax.methods.METHODS`: 'cos' (calibrated
       offset spikes), 'half' (θ/2, the QCFS baseline), 'lightweight'
-      (v0 ← v(ρ)), 'zero', or 'random' (uniform [0, θ), needs ``key``).
+      (v0 ← v(ρ)), 'zero', 'random' (uniform [0, θ), needs ``key``),
+      'srp' (the authors' MPLayer with τ = ``rho``: outputs are the T steps
+      after the τ-step pre-simulation), 'pc' or 'bc' (dataset-level
+      potential / bias correction for this T, measured on
+      ``calibration_images``).
     rho, iterations, schedule, epsilon, saturated: the calibration of a
-      calibrated method (``rho`` required there); ignored by the others.
+      method that probes (``rho`` required there, and as τ by 'srp');
+      ignored by the others.
+    calibration_images: ``[N, H, W, C]`` training images 'pc' and 'bc'
+      measure their correction on (never the images evaluated).
     record_steps: if > 0, also return per-layer spike counts and input-current
       sums over the first ``record_steps`` (≤ T) steps.
     time_chunk: as in :func:`simulate` (the first chunk also spans the probe
@@ -471,15 +517,27 @@ def evaluate_snn(model: nn.Module, variables: PyTree, images: jax.Array, *,
     >>> bool(jnp.allclose(run.outputs, outputs, atol=1e-5))
     True
   """
-  check_positive_int('T', T)
-  calibration = methods.calibration_for(init, rho, iterations, schedule,
-                                        epsilon, saturated)
-  if methods.get(init).needs_key and key is None:
+  T = check_positive_int('T', T)
+  method = methods.resolve(init, rho, iterations, schedule, epsilon,
+                           saturated)
+  if method.needs_key and key is None:
     raise ValueError(f'init={init!r} needs a PRNG key '
                      '(key=jax.random.key(0))')
   if not 0 <= record_steps <= T:
     raise ValueError(f'record_steps must be in [0, T={T}], got {record_steps}')
-  check_inputs(variables, images)
-  return run_method(model, variables, images, key, T=T, method=init,
-                    calibration=calibration, record_steps=record_steps,
-                    time_chunk=check_time_chunk(time_chunk))
+  check_inputs(variables, images, model, **run_bounds(
+      T, method.calibration, time_chunk, record_steps))
+  time_chunk = check_time_chunk(time_chunk)
+  corrections = None
+  if method.corrected:
+    if calibration_images is None:
+      raise ValueError(f'init={init!r} needs calibration_images (a batch of '
+                       'the training split)')
+    from cos_jax import correction  # pylint: disable=g-import-not-at-top
+    # (it runs the SNN itself: importing it at the top would be circular)
+    corrections = correction.measure(model, variables, calibration_images,
+                                     method=method, T=T,
+                                     time_chunk=time_chunk)
+  return run_method(model, variables, images, key, T=T, method=method,
+                    record_steps=record_steps, time_chunk=time_chunk,
+                    corrections=corrections)

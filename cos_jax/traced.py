@@ -35,8 +35,9 @@ import numpy as np
 
 from cos_jax import neuron
 from cos_jax.activation import Activation, SpikingConfig
-from cos_jax.jaxpr_walk import (NotConvertible, bind, check_network,
-                                evaluate, site_names, site_stacks)
+from cos_jax.jaxpr_walk import (NotConvertible, bind, body,
+                                check_network, evaluate, site_names,
+                                site_stacks)
 from cos_jax.settings import check_positive_int
 
 PyTree = Any
@@ -67,8 +68,7 @@ class Program:
 
   def jaxpr(self, *args):
     """The closed jaxpr of ``fn(*args)`` (traced once per shape)."""
-    leaves, tree = jax.tree.flatten(args)
-    key = (tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+    key = _key(*args)
     if key not in self._jaxprs:
       closed = jax.make_jaxpr(self.fn)(*args)
       names = site_names(site_stacks(closed.jaxpr))
@@ -185,6 +185,14 @@ class TracedModel(nn.Module):
   @property
   def sites(self) -> tuple[str, ...]:
     return self.program.sites
+
+  def step_bytes(self, variables, image_shape) -> int:
+    """Bytes of every value one image's ANN forward computes (each
+    equation's outputs): what a spiking block's memory scales with, per
+    image and step (``cos_jax.checks.model_facts``)."""
+    image = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    return _output_bytes(self.program.jaxpr(variables['params'][NET],
+                                            image).jaxpr)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -308,8 +316,24 @@ def trace(fn: Callable, variables: PyTree, images, *, levels: int,
 
 
 def _key(*args):
+  """Traced-once key of arguments: their tree and each leaf's shape and
+  dtype (arrays, tracers or ShapeDtypeStructs)."""
   leaves, tree = jax.tree.flatten(args)
-  return (tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+  return (tree, tuple((tuple(jnp.shape(x)), jnp.dtype(getattr(
+      x, 'dtype', None) or jnp.result_type(x))) for x in leaves))
+
+
+def _output_bytes(jaxpr) -> int:
+  """Bytes of every value the equations of ``jaxpr`` compute."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    inner = body(eqn)
+    if inner is not None:
+      total += _output_bytes(inner[0])
+      continue
+    total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars
+                 if hasattr(v.aval, 'dtype'))
+  return total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ of ``configs/default.py``.
 
 from __future__ import annotations
 
-import math
+import numbers
 import os
 from typing import Mapping
 
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from cos_jax import data, models
+from cos_jax.settings import (SettingsError, check_choice, check_number,
+                              check_optional_positive_int, check_positive_int)
 
 class ConfigError(ValueError):
   """A config (or its combination with a workdir/devices) that cannot run."""
@@ -51,77 +53,47 @@ RESUMABLE_FIELDS = ('data_dir', 'stop_after_steps', 'async_checkpointing',
                     'keep_checkpoints')
 
 
-def _positive_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _finite_number(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError (one-line message) for a config that cannot train."""
-  if config.dataset not in data.DATASETS:
-    raise ConfigError(
-        f'unknown dataset {config.dataset!r}: set --config.dataset to one of '
-        f'{", ".join(data.DATASETS)}')
-  if config.model not in models.NAMES:
-    raise ConfigError(
-        f'unknown architecture {config.model!r}: set --config.model to one of '
-        f'{", ".join(models.NAMES)}')
-  if not _positive_int(config.levels):
-    raise ConfigError(
-        f'levels must be a positive integer (QCFS quantisation steps L), got '
-        f'{config.levels!r}: set e.g. --config.levels=4')
-  if config.stem not in models.STEMS:
-    raise ConfigError(f'unknown stem {config.stem!r}: set --config.stem to '
-                      f'one of {", ".join(models.STEMS)}')
+  """Raises SettingsError (one line, naming the field) for a config that
+  cannot train; the checks are :mod:`cos_jax.settings`' helpers, shared with
+  convert.py."""
+  check_choice('dataset', config.dataset, data.DATASETS, 'dataset')
+  check_choice('model', config.model, models.NAMES, 'architecture')
+  check_positive_int('levels', config.levels)  # QCFS quantisation steps L
+  check_choice('stem', config.stem, models.STEMS, 'stem')
   for name in ('batch_size', 'eval_batch_size', 'epochs',
                'checkpoint_every_steps', 'keep_checkpoints', 'log_every_steps',
                'eval_every_epochs'):
-    if not _positive_int(config[name]):
-      raise ConfigError(f'{name} must be a positive integer, got '
-                        f'{config[name]!r}: fix --config.{name}')
+    check_positive_int(name, config[name])
   for name in ('num_train_examples', 'num_test_examples', 'stop_after_steps',
                'data_shards'):
-    value = config.get(name)
-    if value is not None and not _positive_int(value):
-      raise ConfigError(f'{name} must be None or a positive integer, got '
-                        f'{value!r}: fix --config.{name}')
-  if not isinstance(config.seed, int) or isinstance(config.seed, bool):
-    raise ConfigError(f'seed must be an integer, got {config.seed!r}')
-  checks = (
-      ('learning_rate', config.learning_rate, 'a finite number > 0',
-       lambda v: v > 0),
-      ('weight_decay', config.weight_decay, 'a finite number >= 0',
-       lambda v: v >= 0),
-      ('momentum', config.momentum, 'in [0, 1)', lambda v: 0 <= v < 1),
-      ('warmup_epochs', config.get('warmup_epochs', 0),
-       'a finite number in [0, epochs]', lambda v: 0 <= v <= config.epochs),
-  )
-  for name, value, wanted, ok in checks:
-    if not _finite_number(value) or not ok(value):
-      raise ConfigError(f'{name} must be {wanted}, got {value!r}: fix '
-                        f'--config.{name}')
+    check_optional_positive_int(name, config.get(name))
+  if (isinstance(config.seed, bool)
+      or not isinstance(config.seed, numbers.Integral)):
+    raise SettingsError('seed', f'must be an integer, got {config.seed!r}')
+  check_number('learning_rate', config.learning_rate, 'a finite number > 0',
+               lambda v: v > 0)
+  check_number('weight_decay', config.weight_decay, 'a finite number >= 0',
+               lambda v: v >= 0)
+  check_number('momentum', config.momentum, 'in [0, 1)', lambda v: 0 <= v < 1)
+  check_number('warmup_epochs', config.get('warmup_epochs', 0),
+               'a finite number in [0, epochs]',
+               lambda v: 0 <= v <= config.epochs)
   init_from = config.get('init_from_torch')
   if init_from is not None and not os.path.isfile(init_from):
-    raise ConfigError(f'init_from_torch {init_from!r} is not a file: pass the '
-                      'path of a PyTorch .pth checkpoint')
+    raise SettingsError('init_from_torch', f'{init_from!r} is not a file: '
+                        'pass the path of a PyTorch .pth checkpoint')
   init_workdir = config.get('init_from_workdir')
   if init_workdir is not None:
     if init_from is not None:
-      raise ConfigError('init_from_torch and init_from_workdir are both set: '
-                        'start from one of them')
+      raise SettingsError('init_from_workdir', 'and init_from_torch are both '
+                          'set: start from one of them')
     if not os.path.isfile(os.path.join(init_workdir, 'config.json')):
-      raise ConfigError(f'init_from_workdir {init_workdir!r} is not a '
-                        'train.py workdir (no config.json): pass one')
-  threshold_init = (config.get('model_kwargs') or {}).get('threshold_init',
-                                                          8.0)
-  if not _finite_number(threshold_init) or threshold_init <= 0:
-    raise ConfigError(f'threshold_init (the initial λ) must be a finite number '
-                      f'> 0, got {threshold_init!r}: fix '
-                      '--config.model_kwargs.threshold_init')
+      raise SettingsError('init_from_workdir', f'{init_workdir!r} is not a '
+                          'train.py workdir (no config.json): pass one')
+  check_number('model_kwargs.threshold_init',
+               (config.get('model_kwargs') or {}).get('threshold_init', 8.0),
+               'a finite number > 0 (the initial λ)', lambda v: v > 0)
 
 
 def with_data_shards(config: ml_collections.ConfigDict,

@@ -92,15 +92,17 @@ class Run:
     return self.plan.process_index == 0
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Every check and set-up that does not write to ``workdir``.
+def prepare(config: ml_collections.ConfigDict, workdir: str,
+            restart: bool = False) -> Run:
+  """Every check and set-up that does not write to ``workdir``
+  (``restart``: as in :func:`train_and_evaluate`).
 
   Raises:
     ConfigError / CheckpointError / DatasetUnavailableError (one line).
   """
   validate_config(config)
   config = with_data_shards(config, jax.process_count())
-  resuming = checkpoints.check_workdir(config, workdir)
+  resuming = checkpoints.check_workdir(config, workdir, restart)
   check_devices(config)
   plan = plan_data(config, jax.process_index(), jax.process_count())
   model = create_model(config, plan.spec.num_classes)
@@ -336,6 +338,10 @@ def _announce(run: Run, state: TrainState, step: int, log: MetricsLog) -> None:
         f'{jax.device_count()} {jax.devices()[0].platform} device(s), global '
         f'batch {config.batch_size}, {run.steps_per_epoch} steps/epoch, '
         f'{config.epochs} epochs')
+  elif step >= run.total_steps:
+    say(f'the run in {run.workdir} is finished (step {step} of '
+        f'{run.total_steps}): nothing to train, its log is kept; pass '
+        '--restart to train it again from step 0')
   else:
     say(f'resuming {run.workdir} from step {step} (epoch '
         f'{step // run.steps_per_epoch}, batch {step % run.steps_per_epoch} '
@@ -358,13 +364,19 @@ def _open_managers(run: Run):
   return managers
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart: bool = False) -> dict[str, Any]:
   """Trains the QCFS ANN of ``config``; resumes from ``workdir`` if possible.
 
   Args:
     config: see ``configs/default.py`` for the fields.
-    workdir: where checkpoints, config.json, log.jsonl and summaries go.
+    workdir: where checkpoints, config.json, log.jsonl and summaries go: a
+      new or empty directory, or one train.py wrote (anything else there is
+      refused).
+    restart: train from step 0 in a workdir train.py wrote, deleting its
+      checkpoints and log first (``train.py --restart``). Without it a run is
+      resumed from its latest step checkpoint, and a workdir with only a best
+      checkpoint is refused.
 
   Returns:
     Final metrics: step, epoch, train_loss, train_accuracy, test_loss,
@@ -375,13 +387,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ConfigError / CheckpointError / cos_jax.data.DatasetUnavailableError
     (one-line messages) before anything in ``workdir`` is written.
   """
-  run = prepare(config, workdir)
+  run = prepare(config, workdir, restart)
   if not run.is_main:
     return _train(run)
   os.makedirs(workdir, exist_ok=True)
   with runtime.exclusive_lock(os.path.join(workdir, checkpoints.LOCK_FILE),
                               f'--workdir {workdir}'):
     # Again under the lock: another run may have written here meanwhile.
+    if restart and checkpoints.read_config(workdir) is not None:
+      checkpoints.check_workdir(run.config, workdir, restart)
+      checkpoints.clear_workdir(workdir)
+      say(f'--restart: deleted the checkpoints and log of {workdir}; '
+          'training from step 0')
     if not checkpoints.check_workdir(run.config, workdir):
       runtime.write_json_atomic(
           os.path.join(workdir, checkpoints.CONFIG_FILE), plain(run.config))

@@ -2,6 +2,12 @@ r"""Bring your own model: an NNX CNN trained with QCFS, converted to an SNN.
 
   python examples/byom_nnx.py                    # ~2-3 min on 2 CPU cores
   python examples/byom_nnx.py --steps 3000 --channels 32,64
+  python convert.py --model examples/byom_nnx.py:model --dataset fashion_mnist
+
+The first run also saves the trained network to --save (runs/byom_nnx); the
+function ``model()`` below reads it back (or from $BYOM_NNX_DIR), which is what
+``convert.py --model`` calls: the same table, files, plots and energy figures
+as for a zoo network.
 
 Trains a small Flax NNX CNN (conv-BatchNorm-ReLU-avg-pool twice, a dense head),
 written the usual NNX way with ``nnx.relu``, on Fashion-MNIST in a plain optax
@@ -15,6 +21,7 @@ dataset-fashion-mnist (see docs/byom.md).
 
 import argparse
 import gzip
+import json
 import os
 import sys
 import time
@@ -25,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import nnx, serialization  # noqa: E402
 
 import cos_jax  # noqa: E402
 
@@ -58,6 +65,56 @@ class CNN(nnx.Module):
     return self.head(x.reshape(len(x), -1))
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAVED = os.path.join(ROOT, 'runs', 'byom_nnx')
+
+
+def split(channels, levels=4):
+  """(graphdef, params, stats) of a fresh CNN, and its inference function."""
+  graphdef, params, stats = nnx.split(CNN(channels, nnx.Rngs(0)), nnx.Param,
+                                      nnx.BatchStat)
+
+  def inference(variables, x):  # BatchNorm on the running statistics
+    model = nnx.merge(graphdef, *variables)
+    model.eval()
+    return model(x)
+
+  return graphdef, params, stats, inference
+
+
+def save(folder, channels, levels, params, stats, thresholds):
+  """The trained network as folder/network.msgpack (+ network.json)."""
+  os.makedirs(folder, exist_ok=True)
+  tree = {'params': nnx.to_pure_dict(params),
+          'stats': nnx.to_pure_dict(stats),
+          'thresholds': dict(thresholds)}
+  data = serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
+  path = os.path.join(folder, 'network.msgpack')
+  with open(path + '.tmp', 'wb') as f:
+    f.write(data)
+  os.replace(path + '.tmp', path)  # a kill leaves the old file or the new
+  with open(os.path.join(folder, 'network.json'), 'w') as f:
+    json.dump({'channels': list(channels), 'levels': levels}, f)
+
+
+def model():
+  """What ``convert.py --model examples/byom_nnx.py:model`` converts: the
+  network saved by this script (cos_jax/user_model.py has the contract)."""
+  folder = os.environ.get('BYOM_NNX_DIR', SAVED)
+  if not os.path.exists(os.path.join(folder, 'network.msgpack')):
+    raise FileNotFoundError(f'no trained network in {folder}: run '
+                            'python examples/byom_nnx.py first')
+  with open(os.path.join(folder, 'network.json')) as f:
+    meta = json.load(f)
+  with open(os.path.join(folder, 'network.msgpack'), 'rb') as f:
+    saved = serialization.msgpack_restore(f.read())
+  _, params, stats, inference = split(meta['channels'])
+  nnx.replace_by_pure_dict(params, saved['params'])
+  nnx.replace_by_pure_dict(stats, saved['stats'])
+  return {'fn': inference, 'variables': (params, stats),
+          'levels': meta['levels'], 'thresholds': saved['thresholds']}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--data', default='/usr/share/datasets/fashion-mnist')
@@ -70,24 +127,22 @@ def main():
   parser.add_argument('--rho', type=int, default=4, help='COS probe steps')
   parser.add_argument('--T', default='1,2,4,8')
   parser.add_argument('--test_images', type=int, default=10_000)
+  parser.add_argument('--save', default=SAVED,
+                      help='where the trained network goes (for convert.py '
+                      '--model examples/byom_nnx.py:model)')
   args = parser.parse_args()
   Ts = [int(t) for t in args.T.split(',')]
   start = time.time()
 
   x_train, y_train = load(args.data, 'train', 60_000)
   x_test, y_test = load(args.data, 't10k', args.test_images)
-  model = CNN([int(c) for c in args.channels.split(',')], nnx.Rngs(0))
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  channels = [int(c) for c in args.channels.split(',')]
+  graphdef, params, stats, inference = split(channels)
 
   def train_forward(params, stats, x):  # BatchNorm on batch statistics
     model = nnx.merge(graphdef, params, stats)
     model.train()
     return model(x), nnx.state(model, nnx.BatchStat)
-
-  def inference(variables, x):  # BatchNorm on the running statistics
-    model = nnx.merge(graphdef, *variables)
-    model.eval()
-    return model(x)
 
   qfn = cos_jax.with_qcfs(train_forward, levels=args.levels)
   thresholds = qfn.init(params, stats, x_train[:1],
@@ -116,6 +171,7 @@ def main():
     if (i + 1) % max(1, args.steps // 5) == 0:
       print(f'step {i + 1}: loss {float(value):.3f}')
   params, thresholds = trainable
+  save(args.save, channels, args.levels, params, stats, thresholds)
   print(f'trained in {time.time() - start:.0f} s; thresholds',
         {s: round(float(t), 3) for s, t in thresholds.items()})
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import balance, neuron
+from cos_jax import balance, methods, neuron
 from cos_jax.activation import Activation, SpikingConfig
 
 from cli_helpers import convert_in_process, expect_usage_error
@@ -34,10 +34,8 @@ from cli_helpers import convert_in_process, expect_usage_error
 def _layer(currents, threshold, method, strict, count=False):
   """One IF layer on currents [T, B, ..., C] (folded sample-major, as a
   model feeds it) under ``method``; outputs [T, B, ..., C]."""
-  config = SpikingConfig(
-      steps=currents.shape[0], method=method, count_steps=count,
-      calibration=(cos_jax.Calibration(rho=4, iterations=2)
-                   if method in ('cos', 'lightweight') else None))
+  config = SpikingConfig(steps=currents.shape[0], count_steps=count,
+                         method=methods.resolve(method, 4, iterations=2))
   layer = Activation(4, config, strict=strict)
   steps = currents.shape[0]
   folded = jnp.moveaxis(currents, 0, 1).reshape((-1,) + currents.shape[2:])

@@ -20,7 +20,7 @@ import cos_jax
 from cli_helpers import (convert_in_process, expect_usage_error,
                          run_script)
 from configs import default as default_config
-from cos_jax import checkpoints, conversion, report, training
+from cos_jax import checkpoints, conversion, ownership, report, training
 from cos_jax.data import pipeline
 
 
@@ -104,10 +104,11 @@ def test_bad_settings_give_one_line_and_exit_2(tiny_workdir, tmp_path, capfd,
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'results.json').write_text('previous')
+  (out / ownership.RESULTS_MARKER).write_text('')  # convert.py wrote it
   fields = {'workdir': tiny_workdir, 'output_dir': str(out), **fields}
   expect_usage_error(*reversed(convert_in_process(capfd, **fields)), *words)
   assert (out / 'results.json').read_text() == 'previous'
-  assert sorted(os.listdir(out)) == ['results.json']
+  assert sorted(os.listdir(out)) == [ownership.RESULTS_MARKER, 'results.json']
 
 
 @pytest.mark.parametrize('args, words', [

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import conversion, cost, fanout, report, runtime, snn
+from cos_jax import (conversion, correction, cost, fanout, methods, report,
+                     runtime, snn)
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.models.common import QCFSNet
 from cos_jax.settings import Calibration, SettingsError
@@ -89,7 +90,7 @@ def test_toy_fanout_and_sops_by_hand(toy):
              cost.fanout_classes(network).items()}
   counts = jax.jit(cost.class_counts)(intermediates, onehots, jnp.asarray(mask))
   summary = cost.summarize(network, [(3, {'half': jax.device_get(counts)})],
-                           {'half': (steps, None)},
+                           {'half': (methods.METHODS['half'], steps)},
                            model=cost.COST_MODELS['45nm'])
   assert summary['examples'] == 3
   assert summary['methods']['half']['sops_stderr'] is None  # one batch
@@ -113,8 +114,8 @@ def _activation_spikes(model, variables, images, v0, steps):
   """{layer: [steps, B, ...]} spike trains read off each Activation's output
   (s·θ, time folded sample-major) in a plain spiking apply."""
   _, state = snn.spiking(model, SpikingConfig(steps=steps)).apply(
-      {**variables, 'v0': v0}, images, capture_intermediates=lambda m, _: (
-          isinstance(m, Activation)), mutable=['intermediates'])
+      {**variables, 'v0': v0}, images, capture_intermediates=lambda m, name: (
+          isinstance(m, Activation) and name == '__call__'), mutable=['intermediates'])
   flat = jax.tree_util.tree_flatten_with_path(state['intermediates'])[0]
   out = {}
   for path, value in flat:
@@ -136,10 +137,10 @@ def test_counted_steps_are_the_runs_spikes(toy, method, calibration):
   of the same network simulated plainly from the run's v0; the global
   schedule's probe passes come first."""
   model, variables, images = toy
+  method = methods.METHODS[method].bind(calibration)
   run = snn.run_method(model, variables, images, None, T=7, method=method,
-                       calibration=calibration, time_chunk=3,
-                       count_steps=True)
-  probe, main = cost.run_layout(7, calibration)
+                       time_chunk=3, count_steps=True)
+  probe, main = method.counted(7)
   trains = _activation_spikes(model, variables, images, run.v0, main)
   for layer, train in trains.items():
     counted = np.asarray(run.intermediates[layer]['step_spikes'][0])
@@ -269,8 +270,9 @@ def _sharded_counts(model, variables, images, onehots, devices):
   return conversion._snn_correct(  # pylint: disable=protected-access
       model, jax.device_put(variables, replicated), batch['image'],
       batch['label'], batch['mask'], None,
-      jax.device_put(onehots, replicated), method='cos', T=3,
-      calibration=Calibration(2), time_chunk=2)[1]
+      jax.device_put(onehots, replicated),
+      method=methods.METHODS['cos'].bind(Calibration(2)), T=3,
+      time_chunk=2)[1]
 
 
 def test_counts_identical_on_1_2_and_4_devices(toy):
@@ -382,31 +384,45 @@ def test_cost_examples_setting():
     _settings(cost_examples=-1)
 
 
-@pytest.mark.parametrize('schedule', ['layerwise', 'global'])
-def test_every_method_is_counted_as_its_own_run_spikes(toy, schedule):
+@pytest.mark.parametrize('schedule, names, T', [
+    ('layerwise', 'cos,half,zero,random,lightweight', 2),
+    ('global', 'cos,half,zero,random,lightweight', 2),
+    ('layerwise', 'half,srp,pc,bc', 1)])
+def test_every_method_is_counted_as_its_own_run_spikes(toy, schedule, names,
+                                                      T):
   """convert_and_evaluate counts the methods that run from their v0 with one
   program over the longest run (T + ρ = 6 steps here), from the v0 each run
   returned or its rule; the costs equal those of each method's own counting
   run (checked against plain spike trains in
   test_counted_steps_are_the_runs_spikes)."""
   model, variables, images = toy
-  settings = _settings(init='cos,half,zero,random,lightweight',
-                       schedule=schedule)
+  settings = _settings(init=names, schedule=schedule, T=T)
   mesh = runtime.make_mesh(jax.devices()[:1])
+  calibration = images[::-1] * 0.9  # stands for training images
   result = conversion.convert_and_evaluate(
       model, variables, [{'image': np.asarray(images),
-                          'label': np.arange(6) % 10}], settings, mesh=mesh)
+                          'label': np.arange(6) % 10}], settings, mesh=mesh,
+      calibration_images=calibration)
   network = cost.analyse(model, variables, IMAGE)
   onehots = {k: o for k, (o, _) in cost.fanout_classes(network).items()}
   _, batch_key = jax.random.split(jax.random.key(settings.seed))
+  runs = settings.runs()
   own = {name: runtime.to_host(conversion._snn_correct(  # pylint: disable=protected-access
       model, variables, images, np.arange(6) % 10, np.ones(6, np.int32),
-      batch_key, onehots, method=name, T=settings.time_steps(name),
-      calibration=settings.calibration_of(name),
-      time_chunk=settings.time_chunk)[1]) for name in settings.methods}
-  runs = {name: (settings.time_steps(name), settings.calibration_of(name))
-          for name in settings.methods}
+      batch_key, onehots, correction.measure(
+          model, variables, calibration, method=method, T=T,
+          time_chunk=settings.time_chunk) if method.corrected else None,
+      method=method, T=T, time_chunk=settings.time_chunk)[1])
+         for name, (method, T) in runs.items()}
   expected = cost.summarize(network, [(6, own)], runs,
                             cost.COST_MODELS[settings.cost_model])
   assert _without_spread(result['cost']) == _without_spread(expected)
-  assert len(set(str(m['sops']) for m in expected['methods'].values())) == 5
+  assert len(set(str(m['sops']) for m in expected['methods'].values())) == (
+      len(settings.methods))
+  if 'srp' in names:
+    # SRP counts its τ = 4 pre-simulation steps on top of its T; pc and bc
+    # have one run per reported T (here T = 1).
+    srp, half = expected['methods']['srp'], expected['methods']['half']
+    assert srp['deployment']['latency'] == [5]
+    assert srp['sops'][0] > half['sops'][0]
+    assert [len(result['curves'][n]) for n in ('pc', 'bc')] == [1, 1]

@@ -10,6 +10,8 @@ their process, and SIGKILLs at every phase of an epoch end.
   python -m pytest tests/test_reliability.py -q   # docs/reliability.md's figures
 """
 
+import errno
+import functools
 import json
 import math
 import os
@@ -18,10 +20,12 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -29,7 +33,8 @@ import tensorflow_datasets as tfds
 import cos_jax
 from cli_helpers import (ROOT, TINY_TRAIN, convert_in_process,
                          expect_usage_error, run_script, train_in_process)
-from cos_jax import checkpoints, conversion, report, runtime, training
+from cos_jax import (checkpoints, cli, conversion, interop, ownership, report,
+                     runtime, training)
 from cos_jax.data import DatasetUnavailableError
 
 
@@ -139,6 +144,11 @@ REFUSED_CONVERSIONS = {
     'analysis_T 0': ({'analysis_T': 0}, ['--analysis_T']),
     'analysis_T huge (memory)': ({'analysis_T': 1000000},
                                  ['--analysis_T', 'GiB']),
+    'T huge (time)': ({'T': 1000000}, ['--T', 'COS_JAX_MAX_STEPS']),
+    'iterations huge (time)': ({'iterations': 100000},
+                               ['--iterations', 'bound']),
+    'analysis_T huge (time)': ({'analysis_T': 1000000},
+                               ['--analysis_T', 'bound']),
     'time_chunk negative': ({'time_chunk': -1}, ['--time_chunk']),
     'batch_size 0': ({'batch_size': 0}, ['--batch_size']),
     'batch_size negative': ({'batch_size': -4}, ['--batch_size']),
@@ -154,11 +164,14 @@ REFUSED_CONVERSIONS = {
 
 @pytest.mark.parametrize('name', sorted(REFUSED_CONVERSIONS))
 def test_refused_conversion_leaves_the_old_results(tiny, tmp_path, capfd,
-                                                   name):
+                                                   monkeypatch, name):
   fields, words = REFUSED_CONVERSIONS[name]
+  if '(memory)' in name:  # past the bound on time, to reach the memory check
+    monkeypatch.setenv('COS_JAX_MAX_STEPS', str(10**9))
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'results.json').write_text('previous')
+  (out / ownership.RESULTS_MARKER).write_text('')  # convert.py wrote it
   before = snapshot(out)
   fields = {'workdir': str(tiny), 'output_dir': str(out),
             'num_examples': 64, **fields}
@@ -357,6 +370,7 @@ def test_divergence_stops_before_saving_non_finite_state(tmp_path, capfd):
 # ---------------------------------------------------------------------------
 # The library's own edges.
 
+@functools.lru_cache(maxsize=1)
 def _small():
   model = cos_jax.models.get('small', num_classes=10, levels=4,
                              stages=((4,),), hidden=8)
@@ -465,6 +479,7 @@ def test_results_are_replaced_as_a_whole(tmp_path, monkeypatch, fail_at):
   """An interruption at any point leaves the old set or the new one."""
   out = tmp_path / 'out'
   old = {name: f'old {name}' for name in report.FILES}
+  old[ownership.RESULTS_MARKER] = ''  # written by convert.py
   out.mkdir()
   for name, text in old.items():
     (out / name).write_text(text)
@@ -492,7 +507,7 @@ def test_results_are_replaced_as_a_whole(tmp_path, monkeypatch, fail_at):
   with pytest.raises(KeyboardInterrupt):
     report.write_results(str(out), result, settings, {})
   texts = {name: (out / name).read_bytes() for name in os.listdir(out)}
-  assert sorted(texts) == sorted(report.FILES)
+  assert sorted(texts) == sorted(old)
   is_old = all(texts[n] == old[n].encode() for n in report.FILES)
   is_new = json.loads(texts['results.json'])['examples'] == 1 if not is_old \
       else False
@@ -537,3 +552,475 @@ def test_tensorflow_really_prints_with_onednn_forced_on():
       [sys.executable, '-c', 'from cos_jax.data._tensorflow import tf'],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert quiet.stderr == '', quiet.stderr
+
+
+# ---------------------------------------------------------------------------
+# Hostile input (issue 21): cos_jax deletes only what it wrote.
+
+FMNIST = Path(ROOT, 'pretrained', 'fmnist_small')
+TORCH_FIXTURE = Path(ROOT, 'tests', 'fixtures', 'torch',
+                     'QCFS_CIFAR10_resnet20_L4.pth')
+
+
+def contents(path: Path) -> dict:
+  """Every file (and symlink) under ``path`` with its bytes: what a refusal
+  must leave, file by file."""
+  return {str(p.relative_to(path)): (os.readlink(p) if p.is_symlink()
+                                     else p.read_bytes())
+          for p in sorted(path.rglob('*')) if p.is_file() or p.is_symlink()}
+
+
+@pytest.fixture
+def scratch(tmp_path):
+  """A user's clone: a fake .git, their files, a copy of the shipped run, a
+  .pth beside their notes, an old results dir they added a file to."""
+  root = tmp_path / 'clone'
+  (root / '.git' / 'objects').mkdir(parents=True)
+  (root / '.git' / 'HEAD').write_text('ref: refs/heads/main\n')
+  (root / '.git' / 'objects' / 'ab').write_bytes(b'\x00blob')
+  (root / 'thesis.txt').write_text('chapter 1')
+  (root / 'sub').mkdir()
+  (root / 'sub' / 'data.csv').write_text('a,b\n1,2\n')
+  shutil.copytree(FMNIST, root / 'run')
+  (root / 'ckpt').mkdir()
+  shutil.copy(TORCH_FIXTURE, root / 'ckpt' / 'm_L4.pth')
+  (root / 'ckpt' / 'notes.txt').write_text('trained on the lab machine')
+  (root / 'old').mkdir()
+  (root / 'old' / 'results.json').write_text('{"curves": {}, "table": {}}')
+  (root / 'old' / 'mine.txt').write_text('my notes on these results')
+  (root / 'empty').mkdir()
+  os.symlink(root / 'empty', root / 'link')
+  os.symlink(root / 'nowhere', root / 'dangling')
+  return root
+
+
+# name: (convert.py fields given the scratch clone, words in the refusal)
+REFUSED_OUTPUT_DIRS = {
+    'the repository (absolute)': (lambda r: {'output_dir': str(r)},
+                                  ['current directory']),
+    '. (the current directory)': (lambda r: {'output_dir': '.'},
+                                  ['current directory']),
+    'the workdir it converts': (
+        lambda r: {'workdir': str(r / 'run'), 'output_dir': str(r / 'run')},
+        ['checkpoint']),
+    'a copy of a workdir': (lambda r: {'workdir': str(FMNIST),
+                                       'output_dir': str(r / 'run')},
+                            ['best']),
+    "a checkpoint's folder": (lambda r: {'output_dir': str(r / 'run' / 'best')},
+                              ['did not write']),
+    'the folder of the .pth': (
+        lambda r: {'torch_checkpoint': str(r / 'ckpt' / 'm_L4.pth'),
+                   'output_dir': str(r / 'ckpt')}, ['checkpoint']),
+    "a folder of the user's files": (lambda r: {'output_dir': str(r / 'sub')},
+                                     ['data.csv']),
+    'results with a file added': (lambda r: {'output_dir': str(r / 'old')},
+                                  ['mine.txt']),
+    'a symlink to an empty dir': (lambda r: {'output_dir': str(r / 'link')},
+                                  ['symlink']),
+    'a dangling symlink': (lambda r: {'output_dir': str(r / 'dangling')},
+                           ['symlink']),
+    'a file': (lambda r: {'output_dir': str(r / 'thesis.txt')},
+               ['not a directory']),
+    'a 250-character name': (lambda r: {'output_dir': str(r / ('x' * 250))},
+                             ['characters']),
+    'under /proc': (lambda r: {'output_dir': '/proc/self/cos_out'},
+                    ['virtual']),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REFUSED_OUTPUT_DIRS))
+def test_output_dir_refused_keeps_every_file(scratch, capfd, monkeypatch,
+                                             name):
+  fields, words = REFUSED_OUTPUT_DIRS[name]
+  monkeypatch.chdir(scratch)
+  before = contents(scratch)
+  fields = {'workdir': str(scratch / 'run'), 'num_examples': 8,
+            **fields(scratch)}
+  expect_usage_error(*reversed(convert_in_process(capfd, **fields)),
+                     '--output_dir', *words)
+  assert contents(scratch) == before
+  assert (scratch / '.git' / 'HEAD').is_file()
+
+
+def test_output_dir_on_a_mount_point_is_refused(tmp_path, capfd,
+                                                monkeypatch):
+  mount = tmp_path / 'mnt'
+  mount.mkdir()
+  real = os.path.ismount
+  monkeypatch.setattr(os.path, 'ismount',
+                      lambda p: os.path.abspath(p) == str(mount) or real(p))
+  code, err = convert_in_process(capfd, output_dir=str(mount),
+                                 num_examples=8, T=2, rho=2)
+  expect_usage_error(err, code, '--output_dir', 'mount point')
+
+
+def test_output_dirs_cos_jax_may_replace(tmp_path):
+  files = report.FILES
+  new, empty, ours, legacy = (tmp_path / n for n in ('new', 'empty', 'ours',
+                                                     'legacy'))
+  empty.mkdir()
+  ours.mkdir()
+  (ours / ownership.RESULTS_MARKER).write_text('')
+  (ours / 'results.json').write_text('{}')
+  legacy.mkdir()
+  (legacy / 'results.json').write_text('{"curves": {}, "table": {}}')
+  for path in (new, empty, ours, legacy):
+    assert ownership.check_output_dir(str(path), files) == str(path)
+  # results.json that convert.py did not write is no proof
+  (empty / 'results.json').write_text('{"mine": 1}')
+  with pytest.raises(cos_jax.SettingsError, match='no .cos_jax_results'):
+    ownership.check_output_dir(str(empty), files)
+
+
+def test_the_swap_proves_the_directory_again(tmp_path):
+  """A file that appears after the first check is found under the lock, just
+  before the swap; the swap's leftovers beside it are only ours."""
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / ownership.RESULTS_MARKER).write_text('')
+  (out / 'late.txt').write_text('added during the run')
+  foreign = tmp_path / '.out.tmp-user'
+  foreign.mkdir()
+  (foreign / 'keep.txt').write_text('not ours')
+  with pytest.raises(cos_jax.SettingsError, match='late.txt'):
+    report.write_results(str(out), _RESULT, _SETTINGS, {})
+  assert (out / 'late.txt').read_text() == 'added during the run'
+  assert (foreign / 'keep.txt').exists()
+  assert sorted(os.listdir(tmp_path)) == ['.out.tmp-user', 'out']
+
+
+_RESULT = {'examples': 1, 'ann_accuracy': 1.0, 'curves': {'cos': [1.0]},
+           'analysis_T': 1, 'layers': {'before': {}, 'after': {}}}
+_SETTINGS = conversion.ConversionSettings(
+    calibration=cos_jax.Calibration(rho=1), T=1, methods=('cos',))
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_keeps_the_old_results(tmp_path, monkeypatch,
+                                                        capfd, code):
+  out = tmp_path / 'out'
+  report.write_results(str(out), _RESULT, _SETTINGS, {'run': 'old'})
+  before = contents(tmp_path)
+  real = runtime.write_atomic
+
+  def write(path, data):
+    if path.endswith('.png'):
+      raise OSError(code, os.strerror(code), path)
+    real(path, data)
+  monkeypatch.setattr(runtime, 'write_atomic', write)
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as e:
+    with cli.one_line_errors('convert.py'):
+      report.write_results(str(out), _RESULT, _SETTINGS, {'run': 'new'})
+  err = capfd.readouterr().err
+  assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+  assert err.startswith('convert.py: error: ' + os.strerror(code)), err
+  assert contents(tmp_path) == before
+
+
+# train.py: a workdir holds only what train.py wrote.
+
+def test_training_refuses_a_workdir_it_did_not_write(scratch, capfd):
+  before = contents(scratch)
+  for workdir, words in ((scratch, ['.git']), (scratch / 'sub', ['data.csv']),
+                         (scratch / 'ckpt', ['m_L4.pth'])):
+    code, err = train_in_process(capfd, workdir)
+    expect_usage_error(err, code, 'did not write', *words, program='train.py')
+  user_log = scratch / 'new'
+  user_log.mkdir()
+  (user_log / 'log.jsonl').write_text('{"my": "experiment"}\n')
+  code, err = train_in_process(capfd, user_log)
+  expect_usage_error(err, code, 'no config.json', program='train.py')
+  assert (user_log / 'log.jsonl').read_text() == '{"my": "experiment"}\n'
+  assert contents(scratch) == {**before, 'new/log.jsonl': b'{"my": '
+                               b'"experiment"}\n'}
+
+
+def test_a_run_with_a_user_file_added_is_refused(tiny, tmp_path, capfd):
+  workdir = Path(_variant(tiny, tmp_path, lambda w: None))
+  (workdir / 'notes.txt').write_text('lr 0.1 was too high')
+  before = contents(workdir)
+  code, err = train_in_process(capfd, workdir)
+  expect_usage_error(err, code, "'notes.txt'", 'did not write',
+                     program='train.py')
+  assert contents(workdir) == before
+
+
+def test_a_copy_of_a_shipped_run_needs_restart(scratch, capfd):
+  """The shipped run has a best checkpoint and a long log, but no step
+  checkpoint: training it again would start from step 0, so it must be
+  asked for."""
+  run = scratch / 'run'
+  before = contents(run)
+  # (one step if the guard were gone: the test fails fast)
+  code, err = train_in_process(capfd, run, stop_after_steps=1)
+  expect_usage_error(err, code, '--restart', program='train.py')
+  assert contents(run) == before
+  assert len((run / 'log.jsonl').read_text().splitlines()) > 100
+  # What --restart deletes: train.py's own files, nothing else.
+  assert not checkpoints.check_workdir(None, str(run), restart=True)
+  checkpoints.clear_workdir(str(run))
+  assert os.listdir(run) == []
+  with pytest.raises(checkpoints.ConfigError, match='nothing was deleted'):
+    checkpoints.clear_workdir(str(scratch / 'sub'))
+  assert (scratch / 'sub' / 'data.csv').exists()
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_the_log(tiny, tmp_path,
+                                                           capfd):
+  workdir = Path(_variant(tiny, tmp_path, lambda w: None))
+  log = (workdir / 'log.jsonl').read_text()
+  capfd.readouterr()
+  final = training.train_and_evaluate(
+      __import__('cli_helpers').train_config(), str(workdir))
+  out = capfd.readouterr().out
+  assert 'is finished' in out and '--restart' in out, out
+  assert (workdir / 'log.jsonl').read_text().startswith(log)
+  assert final['step'] == json.loads(log.splitlines()[-1])['step']
+
+
+# Every checkpoint path refuses what no IF network can run.
+
+def _edited_pth(path: Path, key: str, value: float) -> str:
+  """The resnet20 fixture with the first value of ``key`` set to ``value``
+  (its storage found by its bytes; the zip rewritten)."""
+  state = interop.read_torch_state_dict(str(TORCH_FIXTURE))
+  target = np.ascontiguousarray(state[key], '<f4').tobytes()
+  edited = 0
+  with zipfile.ZipFile(TORCH_FIXTURE) as zin, \
+       zipfile.ZipFile(path, 'w') as zout:
+    for item in zin.infolist():
+      data = zin.read(item.filename)
+      if '/data/' in item.filename and data == target and not edited:
+        array = np.frombuffer(data, '<f4').copy()
+        array[0] = value
+        data, edited = array.tobytes(), 1
+      zout.writestr(item, data)
+  assert edited, key
+  return str(path)
+
+
+BAD_TORCH_VALUES = {
+    'NaN conv weight': ('conv1.0.weight', math.nan, 'non-finite'),
+    'infinite BN variance': ('conv1.1.running_var', math.inf, 'non-finite'),
+    'negative BN variance': ('conv1.1.running_var', -1.0, 'negative'),
+    'NaN threshold': ('conv1.2.up', math.nan, 'non-finite'),
+    'negative threshold': ('conv1.2.up', -1.0, 'threshold <= 0'),
+    'zero threshold': ('conv1.2.up', 0.0, 'threshold <= 0'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BAD_TORCH_VALUES))
+def test_torch_checkpoint_with_bad_values_is_refused(tmp_path, capfd, name):
+  key, value, words = BAD_TORCH_VALUES[name]
+  path = _edited_pth(tmp_path / 'm_L4.pth', key, value)
+  code, err = convert_in_process(capfd, torch_checkpoint=path,
+                                 output_dir=str(tmp_path / 'out'))
+  expect_usage_error(err, code, 'm_L4.pth', words)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_native_checkpoint_with_negative_variance_is_refused(tiny, tmp_path,
+                                                             capfd):
+  def negative_variance(workdir):
+    restored = checkpoints.restore(str(workdir))
+    variables = jax.tree.map(np.array, restored.variables)
+    next(iter(jax.tree.leaves(variables['batch_stats'])))  # has BN
+    stats = variables['batch_stats']
+    layer = sorted(stats)[0]
+    stats[layer]['var'][0] = -1.0
+    best = Path(workdir, 'best')
+    shutil.rmtree(best)
+    manager = checkpoints.Manager(str(best), max_to_keep=1, create=True,
+                                  async_save=False)
+    manager.save(restored.step, variables=variables,
+                 metadata={'step': restored.step, 'test_accuracy': 0.5})
+    manager.close()
+  workdir = _variant(tiny, tmp_path, negative_variance)
+  code, err = convert_in_process(capfd, workdir=workdir,
+                                 output_dir=str(tmp_path / 'o'))
+  expect_usage_error(err, code, 'negative BatchNorm variance')
+
+
+# The library names the argument.
+
+def _other_model_v0(m, v, x):
+  other = cos_jax.models.get('small', num_classes=10, levels=4,
+                             stages=((6,),), hidden=8)
+  return cos_jax.init_v0(other, other.init(jax.random.key(1), x), x)
+
+
+HOSTILE_LIBRARY_CASES = {
+    'v0 of 1 image for a batch of 2': (lambda m, v, x: cos_jax.simulate(
+        m, v, x, cos_jax.init_v0(m, v, x[:1]), T=2), 'v0.*batch of 2'),
+    'v0 of another model': (lambda m, v, x: cos_jax.simulate(
+        m, v, x, _other_model_v0(m, v, x), T=2), 'v0.*shape'),
+    'an arbitrary pytree as v0': (lambda m, v, x: cos_jax.calibrate(
+        m, v, x, {'a': [1, 2]}, rho=2), 'v0 has no leaf'),
+    'NaN v0': (lambda m, v, x: cos_jax.simulate(
+        m, v, x, jax.tree.map(lambda a: a * np.nan, cos_jax.init_v0(m, v, x)),
+        T=2), 'v0 holds NaN'),
+    'NaN images (evaluate_snn)': (lambda m, v, x: cos_jax.evaluate_snn(
+        m, v, x.at[0, 0, 0, 0].set(np.nan), T=2, rho=2),
+                                  'images holds NaN or inf'),
+    'infinite images (evaluate_snn)': (lambda m, v, x: cos_jax.evaluate_snn(
+        m, v, x.at[1, 2, 3, 0].set(np.inf), T=2, rho=2),
+                                       'images holds NaN or inf'),
+    'wrong image size': (lambda m, v, x: cos_jax.simulate(
+        m, v, jnp.ones((2, 32, 32, 1)), T=2), 'images of shape'),
+    'wrong channels (calibrate)': (lambda m, v, x: cos_jax.calibrate(
+        m, v, jnp.ones((2, 28, 28, 3)), rho=2), 'images of shape'),
+    'wrong channels (init_v0)': (lambda m, v, x: cos_jax.init_v0(
+        m, v, jnp.ones((2, 28, 28, 3))), 'images of shape'),
+    'wrong channels (layer_statistics)': (
+        lambda m, v, x: cos_jax.analysis.layer_statistics(
+            m, v, jnp.ones((2, 28, 28, 3)), T=2, rho=2), 'images of shape'),
+    'no batch axis': (lambda m, v, x: cos_jax.evaluate_snn(
+        m, v, x[0], T=2, rho=2), 'no batch axis'),
+    'images as a list': (lambda m, v, x: cos_jax.simulate(
+        m, v, np.asarray(x).tolist(), T=2), 'images must be an array'),
+    'variables without params': (lambda m, v, x: cos_jax.simulate(
+        m, {'batch_stats': v.get('batch_stats', {})}, x, T=2),
+                                 "variables must hold 'params'"),
+    'num_classes 0': (lambda m, v, x: cos_jax.models.get(
+        'small', num_classes=0, levels=4), 'num_classes'),
+    'simulate T 10**6': (lambda m, v, x: cos_jax.simulate(m, v, x, T=10**6),
+                         'T 1000000.*COS_JAX_MAX_STEPS'),
+    'evaluate_snn T 10**7': (lambda m, v, x: cos_jax.evaluate_snn(
+        m, v, x, T=10**7, rho=2), 'T 10000000.*bound'),
+    'iterations 10**5': (lambda m, v, x: cos_jax.calibrate(
+        m, v, x, rho=8, iterations=10**5), 'iterations 100000.*bound'),
+    'rho so large XLA would ask for terabytes': (
+        lambda m, v, x: cos_jax.calibrate(m, v, jnp.ones((512, 28, 28, 1)),
+                                          rho=90000), 'rho 90000.*GiB'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(HOSTILE_LIBRARY_CASES))
+def test_library_names_the_argument(name):
+  call, words = HOSTILE_LIBRARY_CASES[name]
+  start = time.time()
+  with pytest.raises(ValueError, match=words) as e:
+    call(*_small())
+  assert '\n' not in str(e.value)
+  assert time.time() - start < 30
+
+
+def test_numpy_integers_are_integers():
+  model, variables, images = _small()
+  run = cos_jax.evaluate_snn(model, variables, images, T=np.int64(3),
+                             rho=np.int64(2), iterations=np.int64(2))
+  same = cos_jax.evaluate_snn(model, variables, images, T=3, rho=2,
+                              iterations=2)
+  np.testing.assert_array_equal(run.outputs, same.outputs)
+  assert cos_jax.models.get('small', num_classes=np.int64(10),
+                            levels=np.int64(4)).num_classes == 10
+
+
+def test_the_step_bound_can_be_raised(monkeypatch):
+  model, variables, images = _small()
+  monkeypatch.setenv('COS_JAX_MAX_STEPS', '10')
+  with pytest.raises(cos_jax.SettingsError, match='COS_JAX_MAX_STEPS=11'):
+    cos_jax.simulate(model, variables, images, T=11)
+  monkeypatch.setenv('COS_JAX_MAX_STEPS', '11')
+  assert cos_jax.simulate(model, variables, images, T=11).shape[0] == 11
+
+
+# The programs: one line for the machine's refusals, signals, config files.
+
+ENVIRONMENT_ERRORS = {
+    'ENOSPC': (lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                               '/data/out'), 'No space left'),
+    'EROFS': (lambda: OSError(errno.EROFS, os.strerror(errno.EROFS),
+                              '/ro/tfds'), 'Read-only file system'),
+    'ENAMETOOLONG': (lambda: OSError(errno.ENAMETOOLONG, 'File name too long',
+                                     '/x/.name.lock'), 'File name too long'),
+    'EBUSY': (lambda: OSError(errno.EBUSY, 'Device or resource busy', '.'),
+              'busy'),
+    'Orbax wrapping ENOSPC': (lambda: _chained(
+        ValueError('save failed'), OSError(errno.ENOSPC, 'No space left on '
+                                           'device')), 'No space left'),
+    'TensorStore text': (lambda: RuntimeError(
+        'INTERNAL: Error writing "x": [OS error 30: Read-only file system]'),
+                         'Read-only file system'),
+    'truncated TFDS record': (lambda: _tf().errors.DataLossError(
+        None, None, 'truncated record at 2048'), 'truncated or corrupted'),
+    'read-only TFDS_DATA_DIR (TF)': (lambda: _tf().errors.PermissionDeniedError(
+        None, None, '/ro/tfds/fashion_mnist; Permission denied'),
+                                     'not writable'),
+}
+
+
+def _chained(outer, cause):
+  outer.__cause__ = cause
+  return outer
+
+
+def _tf():
+  from cos_jax.data._tensorflow import tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+@pytest.mark.parametrize('name', sorted(ENVIRONMENT_ERRORS))
+def test_environment_errors_are_one_line_exit_1(capfd, name):
+  make, words = ENVIRONMENT_ERRORS[name]
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as e:
+    with cli.one_line_errors('train.py'):
+      raise make()
+  err = capfd.readouterr().err
+  assert e.value.code == 1
+  assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.parametrize('signal_class, code', [(KeyboardInterrupt, 130),
+                                                (cli.Terminated, 143)])
+def test_interrupts_are_one_line(capfd, signal_class, code):
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as e:
+    with cli.one_line_errors('convert.py'):
+      raise signal_class()
+  err = capfd.readouterr().err
+  assert e.value.code == code and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize('value, words', [
+    ({'rho': 4}, 'returned dict'), (None, 'returned NoneType'),
+    ('missing', "has no field 'T'")])
+def test_config_files_of_the_wrong_type(value, words):
+  from configs import convert as convert_config  # pylint: disable=g-import-not-at-top
+  if value == 'missing':
+    value = ml_collections.ConfigDict({'rho': 4})
+  with pytest.raises(cos_jax.SettingsError, match=words):
+    cli.check_config_type(value, convert_config.get_config())
+
+
+def test_signals_and_config_files_in_real_processes(tmp_path):
+  """Ctrl-C and SIGTERM in the middle of a conversion end in one line with
+  130 / 143 and leave the old results; a --config returning a dict is one
+  line with 2."""
+  config = tmp_path / 'plain_dict.py'
+  config.write_text('def get_config():\n  return {"rho": 4}\n')
+  refused = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'convert.py'), f'--config={config}'],
+      cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  running = {}
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    out = tmp_path / f'out_{signum}'
+    report.write_results(str(out), _RESULT, _SETTINGS, {'run': 'old'})
+    running[signum] = (out, contents(out), subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'convert.py'),
+         f'--output_dir={out}', '--num_examples=64', '--T=4', '--rho=2',
+         '--batch_size=8', '--host_devices=1'],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for signum, (out, before, proc) in running.items():
+    line = proc.stdout.readline()  # "Converting ...": the work has begun
+    assert line.startswith('Converting'), (line, proc.stderr.read())
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('convert.py: error: ') and 'Traceback' not in err
+    assert contents(out) == before
+  expect_usage_error(refused.communicate(timeout=300)[1], refused.returncode,
+                     '--config', 'dict')

@@ -190,7 +190,7 @@ def test_validate_config_messages():
                               ('batch_size', 0, 'batch_size')):
     bad = load_config('default')
     bad[field] = value
-    with pytest.raises(train_config.ConfigError, match=words) as e:
+    with pytest.raises(train_config.SettingsError, match=words) as e:
       train_config.validate_config(bad)
     assert '\n' not in str(e.value)
   with pytest.raises(train_config.ConfigError, match='divisible by the 3 devices'):
@@ -447,8 +447,9 @@ def test_a_new_run_starts_from_another_workdirs_best(tmp_path, reference_run):
 def test_init_from_workdir_is_checked(tmp_path):
   config = load_config('default')
   config.init_from_workdir = str(tmp_path)  # no config.json there
-  with pytest.raises(train_config.ConfigError, match='not a train.py workdir'):
+  with pytest.raises(train_config.SettingsError,
+                     match='not a train.py workdir'):
     train_config.validate_config(config)
   config.init_from_torch = str(Path(__file__))
-  with pytest.raises(train_config.ConfigError, match='both set'):
+  with pytest.raises(train_config.SettingsError, match='both set'):
     train_config.validate_config(config)

@@ -57,7 +57,7 @@ def test_a_users_model_converts_like_a_zoo_net(model_file, tmp_path, capfd):
     assert (out / name).is_file(), name
   result = json.loads((out / 'results.json').read_text())
   assert result['examples'] == 64
-  assert set(result['snn']) == {'cos', 'half'}
+  assert set(result['curves']) == {'cos', 'half'}
   assert result['model'] == 'mynet.py:model'
   assert os.path.isfile(model_file)  # the user's file is untouched
 
@@ -82,3 +82,29 @@ def test_a_model_needs_a_dataset(model_file, tmp_path, capfd):
   code, err = convert_in_process(capfd, model=f'{model_file}:model',
                                  output_dir=str(tmp_path / 'out'))
   expect_usage_error(err, code, '--dataset')
+
+
+def test_the_nnx_example_converts_through_convert_py(tmp_path, capfd,
+                                                      monkeypatch):
+  """examples/byom_nnx.py:model, the contract's worked example: a saved NNX
+  network (untrained here: the file format and the path are what is tested)
+  gives a results directory like a zoo run's."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'examples', 'byom_nnx.py')
+  spec = importlib.util.spec_from_file_location('byom_nnx', path)
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  _, params, stats, _ = example.split((4, 8))
+  example.save(str(tmp_path / 'net'), (4, 8), 4, params, stats,
+               {'relu_0': 1.0, 'relu_1': 1.5})
+  monkeypatch.setenv('BYOM_NNX_DIR', str(tmp_path / 'net'))
+  out = tmp_path / 'out'
+  code, err = convert_in_process(
+      capfd, model=f'{path}:model', dataset='fashion_mnist', num_examples=64,
+      T=2, rho=2, init='cos', output_dir=str(out))
+  assert code == 0, err[-2000:]
+  result = json.loads((out / 'results.json').read_text())
+  assert result['model'] == 'byom_nnx.py:model'
+  assert 'cost' in result
+  assert sorted(result['layers']['after']) == ['relu_0', 'relu_1']

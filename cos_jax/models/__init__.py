@@ -8,6 +8,7 @@ over the same variables.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import flax.linen as nn
 
@@ -52,8 +53,11 @@ def get(name: str, *, num_classes: int, levels: int, **kwargs) -> nn.Module:
   if name not in _REGISTRY:
     raise ValueError(f'unknown architecture {name!r}; choose one of '
                      f'{", ".join(NAMES)}')
-  if not isinstance(levels, int) or levels <= 0:
-    raise ValueError(f'levels must be a positive integer, got {levels!r}')
+  for field, value in (('num_classes', num_classes), ('levels', levels)):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+        or value <= 0):
+      raise ValueError(f'{field} must be a positive integer, got {value!r}')
+  num_classes, levels = int(num_classes), int(levels)
   if name == 'small':
     kwargs.pop('stem', None)  # the small net has a single 28x28/32x32 layout
   return _REGISTRY[name](num_classes=num_classes, levels=levels, **kwargs)
