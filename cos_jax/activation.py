@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cos_jax import methods, neuron
+from cos_jax.settings import Calibration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +30,10 @@ class SpikingConfig:
 
   Attributes:
     steps: time-steps every IF layer runs (and the length of the output).
-    method: a bound :class:`cos_jax.methods.Method` by which each layer sets
-      v(0) before its run; ``None`` runs from the ``'v0'`` collection as
-      given (θ/2 where it is absent). In a fused run (``method.run ==
+    method: the :class:`cos_jax.methods.Method` by which each layer sets
+      v(0) before its run, or its name (bound to ``calibration`` here);
+      ``None`` runs from the ``'v0'`` collection as given (θ/2 where it is
+      absent). In a fused run (``method.run ==
       FUSED``) a layer sets v(0), then runs from it; in a probe pass of the
       global schedule it runs from the given v(0) (the run is the probe) and
       writes one round's result back to ``'v0'``.
@@ -61,7 +63,8 @@ class SpikingConfig:
     True
   """
   steps: int
-  method: methods.Method | None = None
+  method: methods.Method | str | None = None
+  calibration: Calibration | None = None
   record_steps: int = 0
   keep_final_v: bool = False
   count_steps: bool = False
@@ -71,6 +74,12 @@ class SpikingConfig:
   def __post_init__(self):
     if self.steps < 1:
       raise ValueError(f'steps must be >= 1, got {self.steps}')
+    if self.method is not None:
+      method = methods.named(self.method, self.calibration)
+      if method.takes_calibration and method.calibration is None:
+        raise ValueError(f'method {method.name!r} needs a Calibration')
+      object.__setattr__(self, 'method', method)
+      object.__setattr__(self, 'calibration', method.calibration)
     if self.method is not None and self.method.probe_steps > self.steps:
       raise ValueError(f'method {self.method.name!r} probes '
                        f'{self.method.probe_steps} steps, more than '

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -89,7 +90,9 @@ def environment_error(e: BaseException) -> str | None:
           '; nothing earlier was overwritten, free space or pick another '
           'path and rerun')
     if name in _DATA_ERRORS:
-      return (f'{_DATA_ERRORS[name]} ({name}: {first_line(seen, 200)}): '
+      # TensorFlow wraps the cause in its function and op names.
+      text = re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\]', '', str(seen))
+      return (f'{_DATA_ERRORS[name]} ({name}: {first_line(text, 200)}): '
               'delete the dataset\'s folder under the TFDS data directory '
               '(--data_dir or $TFDS_DATA_DIR) and rerun to prepare it again')
     text = first_line(seen, 300)

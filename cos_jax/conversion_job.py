@@ -60,8 +60,10 @@ def check_length(settings: ConversionSettings, analysis_T: int) -> None:
   field, _ = max(candidates, key=lambda item: item[1])
   value = {'T': settings.T, 'analysis_T': analysis_T, 'rho': calibration.rho,
            'iterations': calibration.iterations}[field]
-  probes = sum(calibration.rho * calibration.iterations
-               for method in settings.methods if method.probes_own_input)
+  # Probe rounds run on the same ρ inputs: work that image_steps (the
+  # network passes) does not count.
+  probes = sum(m.calibration.rho * m.calibration.iterations
+               for m in settings.methods if m.calibration is not None)
   checks.check_steps(field, value,
                      conversion.image_steps(settings, analysis_T) + probes)
 

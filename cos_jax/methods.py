@@ -310,6 +310,16 @@ def resolve(name: str, rho: int | None, iterations: int = 1,
                                  saturated))
 
 
+def named(method: Method | str, calibration: Calibration | None) -> Method:
+  """``method`` (or the method of that name) bound to ``calibration`` where
+  it takes one and is not bound yet."""
+  if isinstance(method, str):
+    method = get(method)
+  if method.calibration is None and calibration is not None:
+    method = method.bind(calibration)
+  return method
+
+
 def for_settings(method: Method, calibration: Calibration) -> Method:
   """``method`` as convert.py runs it next to others probing ρ steps: bound
   to ``calibration``, and a method without a probe also simulated to T + ρ

@@ -35,11 +35,10 @@ def _under(path: str, root: str) -> bool:
 
 
 def foreign_entries(directory: str, ours: Collection[str]) -> list[str]:
-  """Entries of ``directory`` that are not plain files or directories named
-  by ``ours`` (names or glob patterns), sorted; symlinks are always foreign.
+  """Entries of ``directory`` that the program did not write, sorted.
 
-  ``ours`` maps a name to nothing in particular: a name ending in '/' is a
-  directory the program writes, any other a plain file.
+  ``ours`` holds names or glob patterns: one ending in '/' is a directory
+  the program writes, any other a plain file. A symlink is always foreign.
   """
   out = []
   for name in sorted(os.listdir(directory)):

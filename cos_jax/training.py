@@ -371,12 +371,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: see ``configs/default.py`` for the fields.
     workdir: where checkpoints, config.json, log.jsonl and summaries go: a
-      new or empty directory, or one train.py wrote (anything else there is
-      refused).
+      new or empty directory, or one train.py wrote (else refused).
     restart: train from step 0 in a workdir train.py wrote, deleting its
-      checkpoints and log first (``train.py --restart``). Without it a run is
-      resumed from its latest step checkpoint, and a workdir with only a best
-      checkpoint is refused.
+      checkpoints and log first (``train.py --restart``).
 
   Returns:
     Final metrics: step, epoch, train_loss, train_accuracy, test_loss,
@@ -395,8 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               f'--workdir {workdir}'):
     # Again under the lock: another run may have written here meanwhile.
     if restart and checkpoints.read_config(workdir) is not None:
-      checkpoints.check_workdir(run.config, workdir, restart)
-      checkpoints.clear_workdir(workdir)
+      checkpoints.clear_workdir(workdir)  # proves train.py wrote it
       say(f'--restart: deleted the checkpoints and log of {workdir}; '
           'training from step 0')
     if not checkpoints.check_workdir(run.config, workdir):

@@ -757,10 +757,15 @@ def test_a_copy_of_a_shipped_run_needs_restart(scratch, capfd):
   expect_usage_error(err, code, '--restart', program='train.py')
   assert contents(run) == before
   assert len((run / 'log.jsonl').read_text().splitlines()) > 100
-  # What --restart deletes: train.py's own files, nothing else.
-  assert not checkpoints.check_workdir(None, str(run), restart=True)
-  checkpoints.clear_workdir(str(run))
-  assert os.listdir(run) == []
+  # --restart deletes train.py's own files, nothing else, and starts over.
+  old_log = len((run / 'log.jsonl').read_text().splitlines())
+  final = training.train_and_evaluate(
+      __import__('cli_helpers').train_config(stop_after_steps=2), str(run),
+      restart=True)
+  assert final['step'] == 2 and final['stopped_early']
+  assert len((run / 'log.jsonl').read_text().splitlines()) < old_log
+  assert checkpoints.finalized_steps(str(run / 'checkpoints')) == [2]
+  assert not checkpoints.finalized_steps(str(run / 'best'))
   with pytest.raises(checkpoints.ConfigError, match='nothing was deleted'):
     checkpoints.clear_workdir(str(scratch / 'sub'))
   assert (scratch / 'sub' / 'data.csv').exists()
@@ -971,6 +976,31 @@ def test_environment_errors_are_one_line_exit_1(capfd, name):
   err = capfd.readouterr().err
   assert e.value.code == 1
   assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_a_truncated_prepared_dataset_is_one_line_exit_1(tmp_path, capfd):
+  """A real TFDS shard cut short: TensorFlow's DataLossError mid-run."""
+  prepared = Path(tfds.builder('fashion_mnist').data_dir)
+  shard = prepared / 'fashion_mnist-test.tfrecord-00000-of-00001'
+  if not shard.exists():
+    pytest.skip('fashion_mnist is not prepared here')
+  copy = tmp_path / 'data' / 'fashion_mnist' / prepared.name
+  copy.mkdir(parents=True)
+  for name in ('dataset_info.json', 'features.json', 'label.labels.txt'):
+    shutil.copy(prepared / name, copy / name)
+  (copy / shard.name).write_bytes(shard.read_bytes()[:20000])  # ~35 images
+  out = tmp_path / 'out'
+  report.write_results(str(out), _RESULT, _SETTINGS, {'run': 'old'})
+  before = contents(out)
+  code, err = convert_in_process(capfd, data_dir=str(tmp_path / 'data'),
+                                 num_examples=64, batch_size=8, T=2, rho=2,
+                                 output_dir=str(out))
+  assert code == 1, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('convert.py: error: a prepared dataset file is '
+                         'truncated or corrupted (DataLossError: truncated '
+                         'record'), last
+  assert contents(out) == before
 
 
 @pytest.mark.parametrize('signal_class, code', [(KeyboardInterrupt, 130),
