@@ -66,6 +66,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.time_chunk = 8
   config.seed = 0  # of the 'random' method
   config.calibration_examples = 128
+  # Bu et al.'s delayed readout: the first readout_from steps of every run
+  # are not read, so the accuracy at T is over steps readout_from+1 ..
+  # readout_from+T (the latency adds readout_from; needs cost_model 'none').
+  config.readout_from = 0
+  # The firing rule: u >= theta (False, the COS paper) or u > theta (True,
+  # Bu et al.'s code).
+  config.strict = False
+
+  # Plain-ReLU networks (docs/plain_relu.md): a workdir whose model was
+  # trained with plain_relu=True, or a --model whose NAME() says 'balance':
+  # True, has no trained thresholds. They are balanced per channel on the
+  # training split before converting (cos_jax.balance_thresholds, Bu et al.'s
+  # rule): its first balance_batches batches of balance_batch_size images,
+  # in the split's order, with step balance_rate (their defaults: 12 batches
+  # of 100, c = 1).
+  config.balance_batches = 12
+  config.balance_batch_size = 100
+  config.balance_rate = 1.0
 
   # Cost (docs/cost.md): count every method's spikes and synaptic operations
   # and estimate the energy per image against the ANN's, per T. '45nm':

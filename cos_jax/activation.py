@@ -119,6 +119,13 @@ class Activation(nn.Module):
     plain_relu: the ANN is a plain ReLU (no quantisation, no clip) instead
       of QCFS, for networks converted without QCFS training; its threshold
       is then set by balancing (``cos_jax.balance_thresholds``), not trained.
+    per_channel: the threshold is created with one value per channel (the
+      input's last axis, ``[C]``) instead of one per layer. Variables given
+      to ``apply`` decide by themselves: a ``threshold`` of shape ``()`` or
+      ``[C]`` is used as it is, whatever this says.
+    strict: IF neurons fire on ``u > θ`` (Bu et al.'s Inference-scale
+      ANN-SNN code) instead of ``u ≥ θ``, in the run and in the probes of
+      the v(0) method alike (:func:`cos_jax.neuron.firing_rule`).
 
   Example:
     >>> act = cos_jax.Activation(levels=4)            # the ANN: QCFS, λ = 8
@@ -131,17 +138,32 @@ class Activation(nn.Module):
   static_input: bool = False
   threshold_init: float = 8.0
   plain_relu: bool = False
+  per_channel: bool = False
+  strict: bool = False
 
   @nn.compact
   def __call__(self, x):
     threshold = self.param('threshold', nn.initializers.constant(
-        self.threshold_init), (), jnp.float32)
+        self.threshold_init), self._threshold_shape(x), jnp.float32)
     if self.spiking is None:
       out = (jax.nn.relu(x) if self.plain_relu
              else neuron.qcfs(x, threshold, self.levels))
       self.sow('intermediates', 'ann_output', out)
       return out
-    return self._spike(x, threshold.astype(x.dtype))
+    with neuron.firing_rule(self.strict):
+      return self._spike(x, threshold.astype(x.dtype))
+
+  def _threshold_shape(self, x) -> tuple[int, ...]:
+    """() or (C,): the given threshold's, else by ``per_channel``."""
+    channels = (x.shape[-1],)
+    if self.has_variable('params', 'threshold'):
+      shape = jnp.shape(self.get_variable('params', 'threshold'))
+      if shape not in ((), channels):
+        raise ValueError(
+            f'{self.name}: a threshold is a scalar or one value per channel '
+            f'{channels}, got shape {shape}')
+      return shape
+    return channels if self.per_channel else ()
 
   def _spike(self, x, threshold):
     steps = self.spiking.steps

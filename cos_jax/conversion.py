@@ -50,6 +50,10 @@ class ConversionSettings:
       split in whole batches (None: all of them).
     calibration_examples: training images 'pc' and 'bc' measure their
       corrections on.
+    readout_from: steps at the start of every run that the readout skips
+      (Bu et al.'s delayed readout): accuracy at T is over the outputs of
+      steps ``readout_from + 1 .. readout_from + T``, so each run lasts
+      ``readout_from`` steps more. 0: the usual readout from step 1.
   """
   calibration: Calibration
   T: int
@@ -60,6 +64,7 @@ class ConversionSettings:
   cost_model: str | None = cost.DEFAULT_COST_MODEL
   cost_examples: int | None = cost.DEFAULT_COST_EXAMPLES
   calibration_examples: int = DEFAULT_CALIBRATION_EXAMPLES
+  readout_from: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, 'methods', tuple(
@@ -79,6 +84,17 @@ class ConversionSettings:
     calibration = Calibration(config.rho, config.iterations, config.schedule,
                               config.epsilon, config.saturated)
     analysis_T = config.get('analysis_T')
+    readout_from = config.get('readout_from', 0)
+    if (isinstance(readout_from, bool) or not isinstance(readout_from, int)
+        or readout_from < 0):
+      raise SettingsError('readout_from', 'must be an integer >= 0, got '
+                          f'{readout_from!r}')
+    cost_model = _cost_model_name(config.get('cost_model',
+                                             cost.DEFAULT_COST_MODEL))
+    if readout_from and cost_model:
+      raise SettingsError('readout_from', 'is not counted by the cost model '
+                          '(its spikes are those of a run read from step 1): '
+                          'pass --cost_model none with it')
     return cls(
         calibration=calibration,
         T=check_positive_int('T', config.T),
@@ -87,13 +103,13 @@ class ConversionSettings:
                     else check_positive_int('analysis_T', analysis_T)),
         seed=config.seed,
         time_chunk=check_time_chunk(config.time_chunk or None),
-        cost_model=_cost_model_name(config.get('cost_model',
-                                               cost.DEFAULT_COST_MODEL)),
+        cost_model=cost_model,
         cost_examples=_cost_examples(config.get('cost_examples',
                                                 cost.DEFAULT_COST_EXAMPLES)),
         calibration_examples=check_positive_int(
             'calibration_examples', config.get(
-                'calibration_examples', DEFAULT_CALIBRATION_EXAMPLES)))
+                'calibration_examples', DEFAULT_CALIBRATION_EXAMPLES)),
+        readout_from=readout_from)
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -107,14 +123,15 @@ class ConversionSettings:
   def runs(self) -> dict[str, tuple[methods.Method, int]]:
     """The runs one batch gets, ``{key: (method, T)}``: one per method up to
     T, or, for a method corrected per T, one per reported T (key
-    ``'pc@4'``)."""
-    out = {}
+    ``'pc@4'``); each ``readout_from`` steps longer, which the readout
+    skips."""
+    out, skip = {}, self.readout_from
     for m in self.methods:
       if m.corrected:
-        out.update({run_key(m.name, t): (m, t)
+        out.update({run_key(m.name, t): (m, t + skip)
                     for t in reported_steps(self.T)})
       else:
-        out[m.name] = (m, self.T)
+        out[m.name] = (m, self.T + skip)
     return out
 
 
@@ -204,9 +221,10 @@ def correct_per_step(outputs, labels, mask):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    'model', 'method', 'T', 'time_chunk', 'keep_v0'))
+    'model', 'method', 'T', 'time_chunk', 'keep_v0', 'readout_from'))
 def _snn_correct(model, variables, images, labels, mask, key, onehots,
-                 corrections=None, *, method, T, time_chunk, keep_v0=False):
+                 corrections=None, *, method, T, time_chunk, keep_v0=False,
+                 readout_from=0):
   """(correct per step [method.steps(T)], spike counts per step and fan-out
   class per IF layer, ``cos_jax.cost.class_counts``, or {} when ``onehots``
   is None; the run's v0 if ``keep_v0``, else None)."""
@@ -215,7 +233,7 @@ def _snn_correct(model, variables, images, labels, mask, key, onehots,
                        corrections=corrections)
   counts = ({} if onehots is None
             else cost.class_counts(run.intermediates, onehots, mask))
-  return (correct_per_step(run.outputs, labels, mask), counts,
+  return (correct_per_step(run.outputs[readout_from:], labels, mask), counts,
           run.v0 if keep_v0 else None)
 
 
@@ -283,7 +301,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
   corrections = timer('correction', lambda: _corrections(
       model, variables, runs, calibration_images, settings, replicated))
   key, ann_hits, examples = jax.random.key(settings.seed), 0, 0
-  correct = {k: np.zeros(m.steps(T), np.int64) for k, (m, T) in runs.items()}
+  correct = {k: np.zeros(m.steps(T) - settings.readout_from, np.int64)
+             for k, (m, T) in runs.items()}
   layers, counter = _Layers(settings, analysis_T), None
   for batch in batches:
     images, labels, mask, n = _global_batch(batch, mesh, batch_sharding,
@@ -301,7 +320,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
       hits, batch_counts[run] = _run_batch(
           model, variables, images, labels, mask, batch_key, method, T,
           settings.time_chunk, corrections.get(run),
-          counter if counting else None, batch_sharding, timer)
+          counter if counting else None, batch_sharding, timer,
+          settings.readout_from)
       correct[run] += runtime.to_host(hits)
     if counting:
       counter.add(n, batch_counts)
@@ -354,7 +374,8 @@ def _global_batch(batch, mesh, batch_sharding, seen: int):
 
 
 def _run_batch(model, variables, images, labels, mask, key, method, T,
-               time_chunk, corrections, counter, batch_sharding, timer):
+               time_chunk, corrections, counter, batch_sharding, timer,
+               readout_from=0):
   """One method's run on one batch: (correct per step, its spike counts on
   the host, or None when ``counter`` is None). A counted method that
   replays from its v0 is counted by ``counter``'s shared program."""
@@ -364,7 +385,7 @@ def _run_batch(model, variables, images, labels, mask, key, method, T,
       model, variables, images, labels, mask, key,
       counter.onehots if counter is not None and not rerun else None,
       corrections, method=method, T=T, time_chunk=time_chunk,
-      keep_v0=rerun and not by_rule))
+      keep_v0=rerun and not by_rule, readout_from=readout_from))
   if counter is None:
     return hits, None
   if rerun:

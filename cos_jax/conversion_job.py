@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
-from cos_jax import (checkpoints, checks, conversion, data, interop,
-                     ownership, report, runtime, user_model)
+from cos_jax import (balance, checkpoints, checks, conversion, data,
+                     interop, ownership, report, runtime, user_model)
 from cos_jax.conversion import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
@@ -114,6 +114,8 @@ def convert(config) -> dict:
   check_length(settings, settings.analysis_T or model.levels)
   spec = data.dataset_info(train_config.dataset)
   split = config.split or spec.test_split
+  restored = balanced(config, restored, spec, split)
+  model = restored.model
   total = spec.split_sizes.get(split)
   if config.num_examples:
     total = min(total or config.num_examples, config.num_examples)
@@ -178,6 +180,48 @@ def convert(config) -> dict:
   print(f'\n{result["examples"]} examples in {wall:.0f} s; wrote '
         f'{", ".join(os.path.basename(p) for p in written)} to {out}')
   return {**meta, **result}
+
+
+def balanced(config, restored: checkpoints.Restored, spec, split: str
+             ) -> checkpoints.Restored:
+  """``restored`` with the model's firing rule (``config.strict``) and, for
+  a plain-ReLU network, thresholds balanced per channel on the first
+  ``balance_batches`` batches of the training split (the same on every
+  process). Refused in one line when there is no training split apart from
+  the evaluated one."""
+  model = restored.model.clone(strict=bool(config.get('strict', False)))
+  restored = restored._replace(model=model)
+  if not getattr(model, 'plain_relu', False):
+    return restored
+  train = spec.train_split
+  refuse = lambda why: SettingsError(
+      'workdir' if not config.model else 'model',
+      f'is a plain-ReLU network, whose thresholds are balanced on training '
+      f'images, and {why}')
+  if not train or train == split or not spec.split_sizes.get(train):
+    raise refuse(f'{spec.name} has no training split apart from {split!r}')
+  check_positive_int('balance_batch_size', config.balance_batch_size)
+  check_positive_int('balance_batches', config.balance_batches)
+  if (isinstance(config.balance_rate, bool)
+      or not isinstance(config.balance_rate, (int, float))
+      or not 0 < config.balance_rate < float('inf')):
+    raise SettingsError('balance_rate', 'must be a finite number > 0, got '
+                        f'{config.balance_rate!r}')
+  try:
+    images = (batch['image'] for batch in pipeline.make_dataset(
+        spec.name, train, batch_size=config.balance_batch_size, train=False,
+        data_dir=config.data_dir, shard_index=0, num_shards=1,
+        drop_remainder=False))
+    variables = balance.balance_thresholds(
+        model, restored.variables, images,
+        num_batches=config.balance_batches, rate=config.balance_rate)
+  except (data.DatasetUnavailableError, ValueError, KeyError) as e:
+    if isinstance(e, SettingsError):
+      raise
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise refuse(f'the training split {train!r} of {spec.name} cannot be '
+                 f'read ({first})') from None
+  return restored._replace(variables=variables)
 
 
 def _calibration_images(config, settings, spec, split):

@@ -11,7 +11,8 @@ names (``layer{b}.{i}`` / ``classifier.{i}`` in VGG; ``conv1.{i}``,
 ``conv{s}_x.{b}.residual_function.{i}`` / ``.shortcut.{i}`` / ``.relu`` and
 ``fc`` in the ResNets) follow the same order. Layouts: OIHW conv weights become
 HWIO, ``[out, in]`` linear weights ``[in, out]``, ``up`` (λ, shape [1]) the
-scalar ``Activation_k/threshold``; the rows of VGG's first classifier layer go
+scalar ``Activation_k/threshold`` (one per channel, e.g. ``[1, C, 1, 1]``, a
+``[C]`` one); the rows of VGG's first classifier layer go
 from the reference's NCHW flatten order to ours (NHWC). ``num_batches_tracked``
 and the reference's Dropout(p=0) layers carry nothing.
 """
@@ -125,7 +126,7 @@ def _slots(layer: _Layer, abstract) -> list[tuple[str, str, str, tuple]]:
 def _to_zoo_layout(layer: _Layer, leaf: str, w: np.ndarray,
                    flatten_channels: int | None) -> np.ndarray:
   if leaf == 'threshold':
-    return w.reshape(())
+    return w.reshape(() if w.size == 1 else (-1,))
   if leaf != 'kernel':
     return w
   if layer.kind == 'conv':
@@ -251,7 +252,10 @@ def _check(state, slots, arch: str, source: str) -> None:
                           f'{arch}{hint}')
   for key, shape in expected.items():
     got = tuple(state[key].shape)
-    if got != shape and not (key.endswith('.up') and math.prod(got) == 1):
+    # λ may be one value or one per channel (any [1, C, 1, 1]-like layout;
+    # the slot checks C against its input when it runs).
+    if got != shape and not (key.endswith('.up') and (
+        math.prod(got) == 1 or sum(d > 1 for d in got) == 1)):
       raise CheckpointError(
           f'{source}: key {key!r} has shape {got}, {arch} with these '
           f'arguments needs {shape} (check num_classes and the widths; '

@@ -16,6 +16,8 @@ the spike train itself — no ``[T, ...]`` potential trace is ever materialised.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import NamedTuple
 
 import jax
@@ -128,18 +130,45 @@ def check_threshold(threshold) -> None:
                      f'cannot fire against θ <= 0), got {value.min()}')
 
 
+_RULE = threading.local()
+
+
+@contextlib.contextmanager
+def firing_rule(strict: bool):
+  """Within it, IF neurons called without ``strict`` fire by that rule.
+
+  ``strict=True`` is the rule of Bu et al.'s Inference-scale ANN-SNN code
+  (``s = [u > θ]``); False is this package's (``s = [u ≥ θ]``). The rule is
+  read while JAX traces, so a spiking layer sets it once around everything
+  it computes (its v(0) method's probes included) and is cached under jit by
+  its own static attribute (:class:`cos_jax.Activation`'s ``strict``).
+  """
+  before = getattr(_RULE, 'strict', False)
+  _RULE.strict = bool(strict)
+  try:
+    yield
+  finally:
+    _RULE.strict = before
+
+
+def _strict(strict: bool | None) -> bool:
+  return getattr(_RULE, 'strict', False) if strict is None else bool(strict)
+
+
 def half_threshold(threshold: Array, like: Array) -> Array:
   """The QCFS-matched initial potential θ/2, broadcast to ``like``'s shape."""
   return jnp.broadcast_to(jnp.asarray(threshold, like.dtype) / 2, like.shape)
 
 
 def _if_scan(currents: Array, threshold: Array, v0: Array | None,
-             keep_spikes: bool, keep_stats: bool = True):
+             keep_spikes: bool, keep_stats: bool = True,
+             strict: bool | None = None):
   if currents.ndim == 0 or currents.shape[0] == 0:
     raise ValueError(f'currents need a leading time axis of at least one '
                      f'step, got shape {currents.shape}')
   check_threshold(threshold)
   threshold = jnp.asarray(threshold, currents.dtype)
+  strict = _strict(strict)
   step_shape = currents.shape[1:]
   if v0 is None:
     v0 = half_threshold(threshold, currents[0])
@@ -153,7 +182,7 @@ def _if_scan(currents: Array, threshold: Array, v0: Array | None,
 
   def step(carry: ProbeStats, current: Array):
     u = carry.v + current                      # charge (eq. 2 before reset)
-    fired = u >= threshold                     # fire (eq. 4)
+    fired = (u > threshold) if strict else (u >= threshold)  # fire (eq. 4)
     spike = fired.astype(currents.dtype)
     v = u - spike * threshold                  # reset by subtraction
     if not keep_stats:
@@ -175,7 +204,8 @@ def _if_scan(currents: Array, threshold: Array, v0: Array | None,
 
 
 def if_neuron(currents: Array, threshold: Array,
-              v0: Array | None = None) -> IFResult:
+              v0: Array | None = None, *,
+              strict: bool | None = None) -> IFResult:
   """Integrate-and-fire neurons with reset by subtraction (COS eq. 2-4).
 
   ``u(t) = v(t-1) + I(t)``, ``s(t) = [u(t) ≥ θ]``, ``v(t) = u(t) - s(t)·θ``.
@@ -186,6 +216,9 @@ def if_neuron(currents: Array, threshold: Array,
     threshold: θ, scalar or broadcastable to ``currents[0]``.
     v0: initial potential v(0), broadcastable to ``currents[0]``;
       ``None`` means θ/2 (the QCFS-matched default).
+    strict: fire on ``u > θ`` (Bu et al.'s Inference-scale code) instead of
+      ``u ≥ θ``; ``None`` takes the enclosing :func:`firing_rule` (default
+      ``u ≥ θ``).
 
   Returns:
     :class:`IFResult` with ``spikes`` ``[T, ...]`` and per-neuron running
@@ -205,15 +238,18 @@ def if_neuron(currents: Array, threshold: Array,
     >>> r.spike_count, r.v          # 0.5 + 4·0.75 = 3.5: 3 spikes, v(4) = 0.5
     (Array([3., 3., 3.], dtype=float32), Array([0.5, 0.5, 0.5], dtype=float32))
   """
-  stats, spikes = _if_scan(currents, threshold, v0, keep_spikes=True)
+  stats, spikes = _if_scan(currents, threshold, v0, keep_spikes=True,
+                           strict=strict)
   return IFResult(spikes, *stats)
 
 
 def spike_train(currents: Array, threshold: Array,
-                v0: Array | None = None, *, return_final_v: bool = False):
+                v0: Array | None = None, *, return_final_v: bool = False,
+                strict: bool | None = None):
   """Just the ``[T, ...]`` spikes of :func:`if_neuron` (no statistics kept).
 
   With ``return_final_v`` also returns v(T), so a run can resume from it.
+  ``strict`` as in :func:`if_neuron`.
 
   Example:
     >>> I = jnp.full((4, 1), 0.75)
@@ -224,12 +260,13 @@ def spike_train(currents: Array, threshold: Array,
     Array([0., 1.], dtype=float32)
   """
   carry, spikes = _if_scan(currents, threshold, v0, keep_spikes=True,
-                           keep_stats=False)
+                           keep_stats=False, strict=strict)
   return (spikes, carry.v) if return_final_v else spikes
 
 
 def probe(currents: Array, threshold: Array,
-          v0: Array | None = None) -> ProbeStats:
+          v0: Array | None = None, *,
+          strict: bool | None = None) -> ProbeStats:
   """Stage 1 of COS: run IF neurons over ``currents`` and keep only statistics.
 
   Same dynamics as :func:`if_neuron` but the spike train is not returned, so
@@ -239,6 +276,7 @@ def probe(currents: Array, threshold: Array,
     currents: ``[ρ, ...]`` probe currents.
     threshold: θ.
     v0: initial potential (``None`` = θ/2).
+    strict: the firing rule, as in :func:`if_neuron`.
 
   Returns:
     :class:`ProbeStats`, each field shaped like ``currents[0]``.
@@ -248,7 +286,8 @@ def probe(currents: Array, threshold: Array,
     >>> stats.spike_count.shape
     (2, 3)
   """
-  stats, _ = _if_scan(currents, threshold, v0, keep_spikes=False)
+  stats, _ = _if_scan(currents, threshold, v0, keep_spikes=False,
+                      strict=strict)
   return stats
 
 

@@ -226,8 +226,9 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
       lambda v, x: _apply(model, v, x, None, config)[1]['v0'], variables,
       images)
   thresholds = _thresholds_like(shapes, variables['params'])
-  return jax.tree.map(lambda s, th: jnp.full(s.shape, th / 2, s.dtype),
-                      shapes, thresholds)
+  return jax.tree.map(
+      lambda s, th: neuron.half_threshold(th, jnp.zeros(s.shape, s.dtype)),
+      shapes, thresholds)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'method'))

@@ -167,11 +167,20 @@ class TracedModel(nn.Module):
     levels: L, the QCFS quantisation levels of every site.
     spiking: ``None`` for the ANN, else the spiking pass settings.
     threshold_init: λ of a site without a given threshold.
+    strict: IF neurons fire on ``u > θ`` (Bu et al.) instead of ``u ≥ θ``.
+    plain_relu: the ANN is the function itself (plain ReLU at every site)
+      instead of QCFS: a network to convert with balanced thresholds
+      (:func:`cos_jax.balance_thresholds`).
+
+  A site's threshold is a scalar or one value per channel (``[C]``, the
+  last axis), as given in the variables (:func:`trace`'s ``thresholds``).
   """
   program: Program
   levels: int
   spiking: SpikingConfig | None = None
   threshold_init: float = 8.0
+  strict: bool = False
+  plain_relu: bool = False
 
   @property
   def sites(self) -> tuple[str, ...]:
@@ -196,6 +205,7 @@ class TracedModel(nn.Module):
       static = not isinstance(x, Temporal)
       layer = Activation(self.levels, self.spiking, static_input=static,
                          threshold_init=self.threshold_init,
+                         strict=self.strict, plain_relu=self.plain_relu,
                          name=self.sites[k])
       if self.spiking is None:
         return layer(x)
@@ -260,7 +270,8 @@ def trace(fn: Callable, variables: PyTree, images, *, levels: int,
     images: ``[B, ...]`` example inputs (shape and dtype are what matter).
     levels: L, the QCFS quantisation levels.
     thresholds: None (every site gets ``threshold_init``), a sequence in site
-      order, or a mapping from site name to threshold.
+      order, or a mapping from site name to threshold; a threshold is a
+      scalar or one value per channel of the site (``[C]``, its last axis).
     threshold_init: the threshold of a site not given one.
 
   Returns:

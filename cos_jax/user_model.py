@@ -9,7 +9,12 @@ takes no arguments and returns a mapping with
 * ``'levels'``: the QCFS L it was trained with;
 * ``'thresholds'`` (optional): the trained thresholds, a sequence in site
   order or a mapping by site name (``cos_jax.with_qcfs`` names them);
-  absent or None: every site gets ``'threshold_init'`` (default 8.0).
+  absent or None: every site gets ``'threshold_init'`` (default 8.0);
+* ``'balance'`` (optional): True for a plain-ReLU network trained without
+  QCFS (``'levels'`` is then only the L of the analyses): its thresholds are
+  balanced per channel on the training split of ``--dataset``
+  (``cos_jax.balance_thresholds``; docs/plain_relu.md) and its ANN is the
+  function itself.
 
 The dataset comes from ``--dataset`` (its images' shape is what the function
 is traced on). The result is what a checkpoint loader returns, so the rest of
@@ -31,7 +36,7 @@ from cos_jax.jaxpr_walk import NotConvertible
 from cos_jax.settings import SettingsError
 
 REQUIRED = ('fn', 'variables', 'levels')
-OPTIONAL = ('thresholds', 'threshold_init')
+OPTIONAL = ('thresholds', 'threshold_init', 'balance')
 
 
 def _import(path: str):
@@ -96,6 +101,11 @@ def restore(spec: str, *, dataset: str | None) -> checkpoints.Restored:
         threshold_init=described.get('threshold_init', 8.0))
   except (NotConvertible, ValueError) as e:
     raise SettingsError('model', f'{spec}: {e}') from None
+  balance = described.get('balance', False)
+  if not isinstance(balance, bool):
+    raise SettingsError('model', f"{name}()'s 'balance' must be True or "
+                        f'False, got {balance!r}')
+  model = model.clone(plain_relu=balance)
   digests = checkpoints.tree_digests(variables)
   config = ml_collections.ConfigDict({
       'dataset': dataset, 'model': f'{os.path.basename(path)}:{name}',

@@ -45,6 +45,9 @@ class QCFSNet(nn.Module):
       comparisons). The parameters are the same either way.
     plain_relu: every slot is a plain ReLU in the ANN (a network trained
       without QCFS; its SNN thresholds come from balancing).
+    per_channel: slots create one threshold per channel (given variables
+      decide by their own shapes; :class:`~cos_jax.activation.Activation`).
+    strict: IF neurons fire on ``u > θ`` (Bu et al.) instead of ``u ≥ θ``.
   """
   num_classes: int = 10
   levels: int = 4
@@ -52,6 +55,8 @@ class QCFSNet(nn.Module):
   threshold_init: float = 8.0
   conv_impl: str = 'auto'
   plain_relu: bool = False
+  per_channel: bool = False
+  strict: bool = False
 
   def layers(self, train: bool) -> Layers:
     return Layers(
@@ -63,7 +68,9 @@ class QCFSNet(nn.Module):
                                momentum=0.9, epsilon=1e-5),
         act=functools.partial(Activation, self.levels, self.spiking,
                               threshold_init=self.threshold_init,
-                              plain_relu=self.plain_relu))
+                              plain_relu=self.plain_relu,
+                              per_channel=self.per_channel,
+                              strict=self.strict))
 
 
 def avg_pool(x, size: int = 2, stride: int | None = None, padding='VALID'):
