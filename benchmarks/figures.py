@@ -31,8 +31,9 @@ def curves_from_results(results: dict) -> dict:
   curves = {}
   for name, curve in results['curves'].items():
     method = methods.get(name)
-    label = f'{method.label}, ρ={rho}' if method.calibrated else method.label
-    curves[label] = {'probe_steps': rho if method.calibrated else 0,
+    probes = method.probes_own_input  # reported at T + ρ
+    label = f'{method.label}, ρ={rho}' if probes else method.label
+    curves[label] = {'probe_steps': rho if probes else 0,
                      'T': list(range(1, len(curve) + 1)),
                      'accuracy': [100 * a for a in curve]}
   return {'ann_accuracy': 100 * results['ann_accuracy'], 'curves': curves}

@@ -58,7 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------- references --
 
 # Directories and file names that the programs write, not the repository.
-GENERATED_DIRS = ('results', 'runs', 'best', '.venv')
+GENERATED_DIRS = ('results', 'runs', 'best', 'checkpoints', '.venv')
 GENERATED_NAMES = {'results.json', 'results.csv', 'accuracy.png',
                    'offset_spikes.png', 'accuracy_energy.png', 'log.jsonl',
                    'config.json'}

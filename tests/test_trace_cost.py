@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import conversion, cost, jaxpr_walk, runtime, snn, trace_twin
+from cos_jax import methods, conversion, cost, jaxpr_walk, runtime, snn, trace_twin
 from cos_jax.activation import Activation
 from cos_jax.settings import Calibration
 from configs import convert as convert_config
@@ -143,13 +143,15 @@ def test_a_cos_runs_sops_are_the_same_in_float64(name):
     for m, v in ((model, variables), (traced, traced_variables)):
       network = cost.analyse(m, v, image)
       onehots = {k: o for k, (o, _) in cost.fanout_classes(network).items()}
-      run = snn.run_method(m, v, images, None, T=3, method='cos',
-                           calibration=calibration, count_steps=True)
+      run = snn.run_method(m, v, images, None, T=3,
+                           method=methods.named('cos', calibration),
+                           count_steps=True)
       counts = jax.device_get(cost.class_counts(
           run.intermediates, onehots, jnp.ones(3, jnp.int32)))
       totals.append(counts)
       summaries.append(cost.summarize(
-          network, [(3, {'cos': counts})], {'cos': (3, calibration)},
+          network, [(3, {'cos': counts})],
+          {'cos': (methods.named('cos', calibration), 3)},
           cost.COST_MODELS['45nm']))
   zoo, ours = summaries
   assert zoo['methods']['cos']['sops'][-1] > 0
