@@ -135,20 +135,23 @@ def site_stacks(jaxpr, prefix: str = '') -> list[str]:
   return stacks
 
 
-def site_names(stacks: Sequence[str]) -> tuple[str, ...]:
+def site_names(stacks: Sequence[str],
+               kinds: Sequence[str] | None = None) -> tuple[str, ...]:
   """A unique name per site: its module path (name stack), suffixed with
   ``relu_<j>`` where a path holds several sites; ``relu_<k>`` (k in trace
-  order) where there is no path."""
+  order) where there is no path. With ``kinds`` (e.g. each linear
+  equation's primitive), ``<kind>_<j>`` instead of ``relu_<j>``."""
+  kinds = ['relu'] * len(stacks) if kinds is None else kinds
   counts = collections.Counter(stacks)
   seen = collections.Counter()
   names = []
-  for k, stack in enumerate(stacks):
+  for k, (stack, kind) in enumerate(zip(stacks, kinds)):
     if not stack:
-      names.append(f'relu_{k}')
+      names.append(f'{kind}_{k}')
     elif counts[stack] == 1:
       names.append(stack)
     else:
-      names.append(f'{stack}/relu_{seen[stack]}')
+      names.append(f'{stack}/{kind}_{seen[stack]}')
       seen[stack] += 1
   return tuple(names)
 

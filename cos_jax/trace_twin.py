@@ -29,7 +29,6 @@ Sites output their probes, whatever their input, as in the zoo twin.
 
 from __future__ import annotations
 
-import collections
 import math
 
 import jax
@@ -91,19 +90,9 @@ def linear_stacks(jaxpr, prefix: str = '') -> list[tuple[str, str]]:
 def linear_names(stacks) -> tuple[str, ...]:
   """A unique name per linear equation: its module path where that path
   holds one conv / dot, else ``<path>/<primitive>_<j>`` (``<primitive>_<k>``
-  in trace order where there is no path)."""
-  counts = collections.Counter(stack for stack, _ in stacks)
-  seen = collections.Counter()
-  names = []
-  for k, (stack, primitive) in enumerate(stacks):
-    if not stack:
-      names.append(f'{primitive}_{k}')
-    elif counts[stack] == 1:
-      names.append(stack)
-    else:
-      names.append(f'{stack}/{primitive}_{seen[stack]}')
-      seen[stack] += 1
-  return tuple(names)
+  in trace order where there is no path), as sites are named."""
+  return jaxpr_walk.site_names([stack for stack, _ in stacks],
+                               [primitive for _, primitive in stacks])
 
 
 def _macs(eqn) -> int:
