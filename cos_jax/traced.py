@@ -250,6 +250,9 @@ def _thresholds(sites: Sequence[str], thresholds, threshold_init) -> dict:
                        f'{len(sites)} sites {list(sites)}')
   out = {}
   for name, value in zip(sites, values):
+    if isinstance(value, jax.ShapeDtypeStruct):  # abstract variables (shapes
+      out[name] = {'threshold': value}           # only, e.g. memory analysis)
+      continue
     value = jnp.asarray(value)
     if not jnp.issubdtype(value.dtype, jnp.floating):
       value = value.astype(jnp.float32)
