@@ -134,7 +134,7 @@ def layer_statistics(model: nn.Module, variables: PyTree, images: jax.Array,
   if method.corrected:
     raise ValueError(f'init={init!r} corrects from a calibration set; '
                      'layer_statistics takes the other methods')
-  snn.check_inputs(variables, images, model,
+  checks.check_inputs(variables, images, model,
                    **checks.run_bounds(T, method.calibration, None))
   if mask is None:
     mask = jnp.ones(images.shape[:1], jnp.int32)

@@ -1,6 +1,6 @@
 """The library's argument checks, where the values are concrete (outside jit).
 
-:func:`cos_jax.snn.check_inputs` calls these at the top of every public
+:func:`check_inputs` calls these at the top of every public
 function (``init_v0``, ``calibrate``, ``simulate``, ``evaluate_snn``) and
 ``analysis.layer_statistics`` through it, so that a wrong argument is a
 ``ValueError`` (or :class:`~cos_jax.settings.SettingsError`) of one line that
@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cos_jax import runtime
+from flax import traverse_util
+
+from cos_jax import blocks, neuron, runtime
 from cos_jax.activation import SpikingConfig
 from cos_jax.blocks import block_steps
 from cos_jax.settings import Calibration, SettingsError
@@ -222,7 +224,7 @@ def check_v0(v0: Any, facts: ModelFacts, batch: int) -> None:
 
 def run_bounds(T: int, calibration: Calibration | None,
                time_chunk: int | None, record_steps: int = 0) -> dict:
-  """:func:`cos_jax.snn.check_inputs`'s ``steps`` and ``block`` for a run
+  """:func:`check_inputs`'s ``steps`` and ``block`` for a run
   of T steps after ``calibration`` (None: uncalibrated), named by the setting
   that makes each long."""
   rounds = calibration.rho * calibration.iterations if calibration else 0
@@ -237,3 +239,48 @@ def run_bounds(T: int, calibration: Calibration | None,
   value = {'time_chunk': time_chunk, 'rho': probe, 'T': T}[field]
   return {'steps': (by_length[0][:2] + (T + rounds,),),
           'block': (field, value, block)}
+
+
+def check_inputs(variables: Any, images, model: nn.Module | None = None,
+                 v0: Any | None = None, *, steps: tuple = (),
+                 block: tuple | None = None) -> None:
+  """The public functions' argument checks (those of this module).
+
+  Raises ValueError or SettingsError (one line naming the argument) for
+  images that are not an array with a batch axis or do not fit the model's
+  variables, variables without 'params', a threshold that is not finite and
+  > 0, a v0 whose leaves are not those of this model and batch, non-finite
+  images, NaN in v0 (+inf is a calibrated value), a run longer than
+  :func:`cos_jax.max_steps`, or a block larger than the memory.
+
+  Args:
+    steps: ``(field, value, time-steps per image)`` of the settings that set
+      the run's length.
+    block: ``(field, value, time-steps)`` of the longest time-folded block
+      and the setting that makes it long.
+
+  Shapes are checked under ``jit`` too; values (thresholds, finiteness) only
+  where concrete: under ``jit`` a threshold of 0 passes (docs/reliability.md).
+  """
+  check_images(images)
+  check_variables(variables)
+  for field, value, total in steps:
+    check_steps(field, value, total)
+  flat = traverse_util.flatten_dict(variables['params'])
+  for path, value in flat.items():
+    if path[-1] == 'threshold':
+      try:
+        neuron.check_threshold(value)
+      except ValueError as e:
+        raise ValueError(f'{"/".join(path)}: {e}') from None
+  if model is not None:
+    facts = model_facts(model, variables, images.shape[1:],
+                               images.shape, images.dtype)
+    if v0 is not None:
+      check_v0(v0, facts, images.shape[0])
+    if block is not None:
+      field, value, block_length = block
+      check_memory(field, value, blocks.memory_bound(
+          model, variables, images.shape[1:], batch=images.shape[0],
+          steps=block_length))
+  check_finite('images', images)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cos_jax import analysis, correction, cost, data, methods, runtime, snn
+from cos_jax import (analysis, blocks, correction, cost, data, methods, runtime,
+                     snn)
 from cos_jax.settings import (Calibration, SettingsError, check_positive_int,
                               check_time_chunk)
 
@@ -169,7 +170,7 @@ def longest_block(settings: ConversionSettings, analysis_T: int
   for method, T in settings.runs().values():
     # Pre passes (global probes, SRP's τ) run as one block each.
     probe = max(method.probe_steps, method.pre_steps)
-    steps = snn.block_steps(method.steps(T), probe, chunk)
+    steps = blocks.block_steps(method.steps(T), probe, chunk)
     if chunk is None:
       blocks.append((steps, 'time_chunk'))
     elif probe > chunk:
@@ -183,7 +184,7 @@ def check_memory(model, variables, image_shape, settings: ConversionSettings,
                  batch_size: int, analysis_T: int) -> None:
   """Refuses a run whose longest block cannot fit in the devices' memory.
 
-  Uses :func:`cos_jax.snn.memory_bound` (from shapes, before compiling) and
+  Uses :func:`cos_jax.blocks.memory_bound` (from shapes, before compiling) and
   :func:`cos_jax.runtime.memory_budget`; raises SettingsError naming the
   setting that made the block long.
   """
@@ -191,7 +192,7 @@ def check_memory(model, variables, image_shape, settings: ConversionSettings,
   if budget is None:
     return
   steps, field = longest_block(settings, analysis_T)
-  need = snn.memory_bound(model, variables, image_shape, batch=batch_size,
+  need = blocks.memory_bound(model, variables, image_shape, batch=batch_size,
                           steps=steps)
   if need > 0.9 * budget:
     value = {'analysis_T': analysis_T, 'rho': settings.calibration.rho,

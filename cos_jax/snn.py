@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from cos_jax import checks, methods, neuron
+from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
-from cos_jax.blocks import block_steps, memory_bound
-from cos_jax.checks import run_bounds
+from cos_jax.blocks import block_steps
+from cos_jax.checks import check_inputs, run_bounds
 from cos_jax.traced import check_model
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
                               check_positive_int,
@@ -144,51 +144,6 @@ def _join_step_spikes(base: dict, trees: list[dict]) -> dict:
       flat[path] = (jnp.concatenate([
           traverse_util.flatten_dict(tree)[path][0] for tree in trees]),)
   return traverse_util.unflatten_dict(flat)
-
-
-def check_inputs(variables: PyTree, images, model: nn.Module | None = None,
-                 v0: PyTree | None = None, *, steps: tuple = (),
-                 block: tuple | None = None) -> None:
-  """The public functions' argument checks (:mod:`cos_jax.checks`).
-
-  Raises ValueError or SettingsError (one line naming the argument) for
-  images that are not an array with a batch axis or do not fit the model's
-  variables, variables without 'params', a threshold that is not finite and
-  > 0, a v0 whose leaves are not those of this model and batch, non-finite
-  images, NaN in v0 (+inf is a calibrated value), a run longer than
-  :func:`cos_jax.checks.max_steps`, or a block larger than the memory.
-
-  Args:
-    steps: ``(field, value, time-steps per image)`` of the settings that set
-      the run's length.
-    block: ``(field, value, time-steps)`` of the longest time-folded block
-      and the setting that makes it long.
-
-  Shapes are checked under ``jit`` too; values (thresholds, finiteness) only
-  where concrete: under ``jit`` a threshold of 0 passes (docs/reliability.md).
-  """
-  checks.check_images(images)
-  checks.check_variables(variables)
-  for field, value, total in steps:
-    checks.check_steps(field, value, total)
-  flat = traverse_util.flatten_dict(variables['params'])
-  for path, value in flat.items():
-    if path[-1] == 'threshold':
-      try:
-        neuron.check_threshold(value)
-      except ValueError as e:
-        raise ValueError(f'{"/".join(path)}: {e}') from None
-  if model is not None:
-    facts = checks.model_facts(model, variables, images.shape[1:],
-                               images.shape, images.dtype)
-    if v0 is not None:
-      checks.check_v0(v0, facts, images.shape[0])
-    if block is not None:
-      field, value, block_length = block
-      checks.check_memory(field, value, memory_bound(
-          model, variables, images.shape[1:], batch=images.shape[0],
-          steps=block_length))
-  checks.check_finite('images', images)
 
 
 def _thresholds_like(v0_shapes: PyTree, params: PyTree) -> PyTree:
