@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cos_jax import (analysis, blocks, correction, cost, data, methods, runtime,
-                     snn)
+from cos_jax import analysis, correction, cost, data, methods, runtime, snn
+from cos_jax.blocks import block_steps, memory_bound
 from cos_jax.settings import (Calibration, SettingsError, check_positive_int,
                               check_time_chunk)
 
@@ -170,7 +170,7 @@ def longest_block(settings: ConversionSettings, analysis_T: int
   for method, T in settings.runs().values():
     # Pre passes (global probes, SRP's τ) run as one block each.
     probe = max(method.probe_steps, method.pre_steps)
-    steps = blocks.block_steps(method.steps(T), probe, chunk)
+    steps = block_steps(method.steps(T), probe, chunk)
     if chunk is None:
       blocks.append((steps, 'time_chunk'))
     elif probe > chunk:
@@ -192,8 +192,8 @@ def check_memory(model, variables, image_shape, settings: ConversionSettings,
   if budget is None:
     return
   steps, field = longest_block(settings, analysis_T)
-  need = blocks.memory_bound(model, variables, image_shape, batch=batch_size,
-                          steps=steps)
+  need = memory_bound(model, variables, image_shape, batch=batch_size,
+                      steps=steps)
   if need > 0.9 * budget:
     value = {'analysis_T': analysis_T, 'rho': settings.calibration.rho,
              'time_chunk': 0, 'batch_size': batch_size}[field]

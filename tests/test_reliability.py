@@ -1025,6 +1025,10 @@ def test_config_files_of_the_wrong_type(value, words):
     cli.check_config_type(value, convert_config.get_config())
 
 
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_signals_and_config_files_in_real_processes(tmp_path):
   """Ctrl-C and SIGTERM in the middle of a conversion end in one line with
   130 / 143 and leave the old results; a --config returning a dict is one
@@ -1042,7 +1046,10 @@ def test_signals_and_config_files_in_real_processes(tmp_path):
         [sys.executable, os.path.join(ROOT, 'convert.py'),
          f'--output_dir={out}', '--num_examples=64', '--T=4', '--rho=2',
          '--batch_size=8', '--host_devices=1'],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a test run started in the background (a shell
+        # job without job control) ignores SIGINT, and a child inherits that.
+        preexec_fn=_default_sigint))
   for signum, (out, before, proc) in running.items():
     line = proc.stdout.readline()  # "Converting ...": the work has begun
     assert line.startswith('Converting'), (line, proc.stderr.read())
