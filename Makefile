@@ -51,13 +51,17 @@ figures: setup
 C10_TFDS_DIR := $(or $(TFDS_DATA_DIR),$(HOME)/tensorflow_datasets)
 C10_MANUAL := $(C10_TFDS_DIR)/downloads/manual
 cifar10-offline: setup
-	@test -f $(C10_MANUAL)/bigbench-1.0.0.tar.gz || { \
+	@test -f $(C10_MANUAL)/bigbench-1.0.0.tar.gz || test -f $(C10_MANUAL)/task.json || { \
 	  mkdir -p $(C10_MANUAL) && \
 	  tmp=$$(mktemp -d -p $(C10_TFDS_DIR)/downloads) && \
 	  $(PY) -m venv $$tmp/venv && \
 	  $$tmp/venv/bin/pip install -q pip==26.2 && \
-	  $$tmp/venv/bin/pip download -q --no-deps --no-binary :all: \
-	    bigbench==1.0.0 -d $$tmp/sdist && \
+	  { $$tmp/venv/bin/pip download -q --no-deps --no-binary :all: \
+	      bigbench==1.0.0 -d $$tmp/sdist || { echo "make cifar10-offline: \
+	error: the package index offers no bigbench 1.0.0 sdist (pypi.org listed \
+	only 0.0.1 on 2026-12-05): put a copy of bigbench-1.0.0.tar.gz, or its \
+	cifar10_classification task.json, in $(C10_MANUAL) and rerun" >&2; \
+	      false; }; } && \
 	  mv $$tmp/sdist/bigbench-1.0.0.tar.gz $(C10_MANUAL)/; \
 	  status=$$?; rm -rf $$tmp; exit $$status; }
 	TFDS_DATA_DIR=$(C10_TFDS_DIR) $(PYTHON) -c "from cos_jax.data import \

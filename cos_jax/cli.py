@@ -65,15 +65,6 @@ def field_flag(program: str, field: str) -> str:
   return _FIELD_FLAGS.get(program, '--{}').format(field)
 
 
-class Terminated(BaseException):
-  """SIGTERM arrived (raised in the main thread, like KeyboardInterrupt)."""
-
-
-def _terminate(signum, frame):
-  del signum, frame
-  raise Terminated()
-
-
 def environment_error(e: BaseException) -> str | None:
   """One line for an error of the machine rather than of the settings (a
   full or read-only disk, a name too long, a corrupted prepared dataset),
@@ -251,7 +242,7 @@ def start(host_devices: int, process_flags: dict) -> None:
   elif threading.current_thread() is threading.main_thread():
     # One process: SIGTERM ends it with one line and 143, as Ctrl-C does.
     # Under a launcher SIGTERM means a peer failed, and the launcher says so.
-    signal.signal(signal.SIGTERM, _terminate)
+    runtime.stop_on_signals()
 
 
 @contextlib.contextmanager
@@ -268,7 +259,7 @@ def one_line_errors(program: str):
   except KeyboardInterrupt:
     fail(program, 'interrupted (Ctrl-C); earlier results and checkpoints are '
          'as they were', 128 + signal.SIGINT)
-  except Terminated:
+  except runtime.Terminated:
     fail(program, 'terminated (SIGTERM); earlier results and checkpoints are '
          'as they were', 128 + signal.SIGTERM)
   except Exception as e:  # pylint: disable=broad-except

@@ -330,6 +330,7 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
     examples += n
     if progress is not None:
       progress.update(n)
+    runtime.raise_if_stopped()
   if not examples:
     raise ValueError('the split has no examples: check split/num_examples')
   costs = {} if counter is None else {'cost': counter.summary(

@@ -13,6 +13,8 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from typing import Any, Iterable, Iterator
 
@@ -27,6 +29,45 @@ DATA_AXIS = 'data'
 
 class BusyError(RuntimeError):
   """Another process holds the lock of a workdir or output directory."""
+
+
+class Terminated(BaseException):
+  """SIGTERM arrived (raised in the main thread, like KeyboardInterrupt)."""
+
+
+# The stop signals received so far (see stop_on_signals).
+_STOP_SIGNALS: list[int] = []
+
+
+def stop_on_signals() -> None:
+  """Makes SIGINT (unless ignored) and SIGTERM stop this process: the
+  handler raises KeyboardInterrupt or :class:`Terminated` and remembers the
+  signal. Python drops an exception raised while it runs a garbage-collection
+  callback or a ``__del__``, so the stop is raised again by
+  :func:`raise_if_stopped`, which the commit points (:func:`write_atomic`,
+  :func:`replace_directory`) and the batch loops call. Main thread only."""
+  def handler(signum, frame):
+    del frame
+    _STOP_SIGNALS.append(signum)
+    raise_if_stopped()
+  unraisable = sys.unraisablehook
+  def quiet_stops(report):
+    # A dropped stop is raised again; its "Exception ignored" text is noise.
+    if not (_STOP_SIGNALS and isinstance(
+        report.exc_value, (KeyboardInterrupt, Terminated))):
+      unraisable(report)
+  sys.unraisablehook = quiet_stops
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, handler)
+  signal.signal(signal.SIGTERM, handler)
+
+
+def raise_if_stopped() -> None:
+  """Raises KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM) if
+  :func:`stop_on_signals`' handler has seen that signal; else nothing."""
+  if _STOP_SIGNALS:
+    raise (KeyboardInterrupt() if _STOP_SIGNALS[0] == signal.SIGINT
+           else Terminated())
 _FORCED_DEVICES_FLAG = '--xla_force_host_platform_device_count'
 
 
@@ -190,6 +231,7 @@ def write_atomic(path: str, data: bytes | str) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, _default_mode(0o666))
+    raise_if_stopped()  # a stopped run keeps the old file
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -269,6 +311,7 @@ def replace_directory(build: str, target: str) -> None:
   kill sees the old set of files or the new one, never a mix) and the old set
   is then deleted. ``build`` must be on the same file system (a sibling).
   """
+  raise_if_stopped()  # a stopped run keeps the old set
   if not os.path.exists(target):
     os.rename(build, target)
     return

@@ -260,6 +260,7 @@ def train_epoch(run: Run, state: TrainState, step: int, sums: RunningSums,
     step += 1
     interval_steps += 1
     sums.push(metrics, step)
+    runtime.raise_if_stopped()
     if step % config.log_every_steps == 0 or step % per_epoch == 0:
       summary = sums.take_interval()
       summary['images_per_second'] = (

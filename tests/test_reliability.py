@@ -1004,7 +1004,7 @@ def test_a_truncated_prepared_dataset_is_one_line_exit_1(tmp_path, capfd):
 
 
 @pytest.mark.parametrize('signal_class, code', [(KeyboardInterrupt, 130),
-                                                (cli.Terminated, 143)])
+                                                (runtime.Terminated, 143)])
 def test_interrupts_are_one_line(capfd, signal_class, code):
   capfd.readouterr()
   with pytest.raises(SystemExit) as e:
@@ -1023,6 +1023,40 @@ def test_config_files_of_the_wrong_type(value, words):
     value = ml_collections.ConfigDict({'rho': 4})
   with pytest.raises(cos_jax.SettingsError, match=words):
     cli.check_config_type(value, convert_config.get_config())
+
+
+_DROPPED_STOP = """
+import os, signal, sys
+from cos_jax import runtime
+runtime.stop_on_signals()
+class Collected:
+  def __del__(self):  # Python drops what a __del__ raises, as in a gc callback
+    os.kill(os.getpid(), signal.{name})
+Collected()
+old = sys.argv[1]
+try:
+  runtime.write_atomic(old, 'new')
+except BaseException as e:
+  print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize('name, raised', [('SIGTERM', 'Terminated'),
+                                          ('SIGINT', 'KeyboardInterrupt')])
+def test_a_stop_dropped_by_python_is_raised_at_the_next_commit(
+    tmp_path, name, raised):
+  """A signal whose exception Python drops (it arrived in a __del__ or a
+  garbage-collection callback) still stops the run before it writes, and
+  without an "Exception ignored" traceback."""
+  old = tmp_path / 'results.json'
+  old.write_text('old')
+  proc = subprocess.run(
+      [sys.executable, '-c', _DROPPED_STOP.format(name=name), str(old)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      preexec_fn=_default_sigint, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert proc.stdout.split() == [raised], proc
+  assert 'Exception ignored' not in proc.stderr, proc.stderr
+  assert old.read_text() == 'old'
 
 
 def _default_sigint():
