@@ -283,7 +283,8 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
       method is corrected per T ('pc', 'bc'); never the evaluated split.
 
   Returns:
-    ``{'examples', 'ann_accuracy', 'curves': {method: [accuracy at t=1..]
+    ``{'examples', 'ann_accuracy', 'ann' ('QCFS', or 'ReLU' for a
+    plain-ReLU network), 'curves': {method: [accuracy at t=1..]
     (None at a t a per-T method was not run for)}, 'layers': {'before',
     'after'}, 'analysis_T', 'seconds'}``, and ``'cost'`` (:class:`cos_jax.cost.Counter`'s summary)
     unless ``settings.cost_model`` is None.
@@ -337,6 +338,7 @@ def convert_and_evaluate(model, variables, batches: Iterable[dict],
       cost.COST_MODELS[settings.cost_model])}
   return {'examples': examples,
           'ann_accuracy': ann_hits / examples,
+          'ann': 'ReLU' if getattr(model, 'plain_relu', False) else 'QCFS',
           'curves': _curves(settings, correct, examples),
           'layers': layers.finalize(),
           'analysis_T': analysis_T,

@@ -52,13 +52,19 @@ def _rows_of(method) -> list[tuple[str, int]]:
           for s in shifts]
 
 
+def ann_label(result: dict) -> str:
+  """The ANN row's name: 'ANN (QCFS)', or 'ANN (ReLU)' for a plain-ReLU
+  network (results written before the field existed are QCFS)."""
+  return f"ANN ({result.get('ann', 'QCFS')})"
+
+
 def summary_rows(result: dict, settings: ConversionSettings
                  ) -> tuple[list[str], list[list[str]]]:
   """The paper's Table-1 layout: rows per method (:func:`_rows_of`),
   columns T = 1, 2, 4, …; '—' where a method was not run for that T."""
   steps = report_steps(settings.T)
   header = ['method'] + [f'T={t}' for t in steps]
-  rows = [['ANN (QCFS)'] + [_pct(result['ann_accuracy'])] * len(steps)]
+  rows = [[ann_label(result)] + [_pct(result['ann_accuracy'])] * len(steps)]
   for method in settings.methods:
     curve = result['curves'][method.name]
     rows += [[label] + [_pct(_at(curve, t + shift)) for t in steps]
@@ -439,7 +445,7 @@ def comparison_markdown(paths: list[str]) -> str:
   (docs/comparison.md). The ANN's row comes from the first file."""
   import json  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  rows, header, ann = [], None, None
+  rows, header, ann, label = [], None, None, None
   for path in paths:
     with open(path) as f:
       result = json.load(f)
@@ -450,7 +456,8 @@ def comparison_markdown(paths: list[str]) -> str:
     rows += [[f'{r[0]} ({schedule})' if 'rho=' in r[0] else r[0]] + r[1:]
              for r in more if r not in rows]
     ann = ann or result['ann_accuracy']
-  rows.append(['ANN (QCFS)', '—', '—', _pct(ann), '1.000'])
+    label = label or ann_label(result)
+  rows.append([label, '—', '—', _pct(ann), '1.000'])
   return markdown_table(header, rows)
 
 

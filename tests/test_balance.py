@@ -297,6 +297,7 @@ def test_a_traced_plain_relu_net_converts_training_free(
       batch_size=64, output_dir=str(out))
   assert code == 0, err[-2000:]
   result = json.loads((out / 'results.json').read_text())
+  assert result['ann'] == 'ReLU'  # the table's ANN row says ANN (ReLU)
   curve = result['curves']['cos']
   assert len(curve) == 4 and all(0 <= a <= 1 for a in curve)
   np.testing.assert_allclose(curve, _library_curve(model_file, name,

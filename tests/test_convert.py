@@ -71,6 +71,7 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
   with open(os.path.join(out, 'results.csv')) as f:
     assert len(f.read().strip().splitlines()) == 1 + 1 + 8 + 2 * 12
   assert 'ANN (QCFS)' in result.stdout and 'COS' in result.stdout
+  assert 'ANN (ReLU)' not in result.stdout
 
   # Independent check in this process, on one device and another batch
   # size: the library's own accuracy of the same 300 images.
