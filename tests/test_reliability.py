@@ -1027,6 +1027,7 @@ def test_config_files_of_the_wrong_type(value, words):
 
 _DROPPED_STOP = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # see _AS_FROM_A_TERMINAL
 from cos_jax import runtime
 runtime.stop_on_signals()
 class Collected:
@@ -1053,14 +1054,20 @@ def test_a_stop_dropped_by_python_is_raised_at_the_next_commit(
   proc = subprocess.run(
       [sys.executable, '-c', _DROPPED_STOP.format(name=name), str(old)],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
-      preexec_fn=_default_sigint, env={**os.environ, 'PYTHONPATH': ROOT})
+      env={**os.environ, 'PYTHONPATH': ROOT})
   assert proc.stdout.split() == [raised], proc
   assert 'Exception ignored' not in proc.stderr, proc.stderr
   assert old.read_text() == 'old'
 
 
-def _default_sigint():
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs a program as from a terminal, with Python's own Ctrl-C handler: a test
+# run started in the background (a shell job without job control) ignores
+# SIGINT, and a child inherits that. (A preexec_fn would fork a threaded
+# process.)
+_AS_FROM_A_TERMINAL = ('import runpy, signal, sys; '
+                       'signal.signal(signal.SIGINT, signal.default_int_handler); '
+                       'sys.argv = sys.argv[1:]; '
+                       'runpy.run_path(sys.argv[0], run_name="__main__")')
 
 
 def test_signals_and_config_files_in_real_processes(tmp_path):
@@ -1077,13 +1084,11 @@ def test_signals_and_config_files_in_real_processes(tmp_path):
     out = tmp_path / f'out_{signum}'
     report.write_results(str(out), _RESULT, _SETTINGS, {'run': 'old'})
     running[signum] = (out, contents(out), subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'convert.py'),
+        [sys.executable, '-c', _AS_FROM_A_TERMINAL,
+         os.path.join(ROOT, 'convert.py'),
          f'--output_dir={out}', '--num_examples=64', '--T=4', '--rho=2',
          '--batch_size=8', '--host_devices=1'],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # As from a terminal: a test run started in the background (a shell
-        # job without job control) ignores SIGINT, and a child inherits that.
-        preexec_fn=_default_sigint))
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   for signum, (out, before, proc) in running.items():
     line = proc.stdout.readline()  # "Converting ...": the work has begun
     assert line.startswith('Converting'), (line, proc.stderr.read())
