@@ -227,7 +227,7 @@ def time_model(name: str, batch: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from cos_jax import runtime  # pylint: disable=g-import-not-at-top
   import cos_jax  # pylint: disable=g-import-not-at-top
-  from cos_jax.traced import trace_zoo_model  # pylint: disable=g-import-not-at-top
+  from cos_jax.zoo_trace import trace_zoo_model  # pylint: disable=g-import-not-at-top
   replicated, sharded = runtime.shardings(runtime.make_mesh())
   model, _, images = build(name, batch)
   images = jax.device_put(
@@ -391,7 +391,7 @@ def compiled_bytes(fn, *args) -> dict:
 
 def report_memory(names: list[str]):
   import cos_jax  # pylint: disable=g-import-not-at-top
-  from cos_jax.traced import trace_zoo_model  # pylint: disable=g-import-not-at-top
+  from cos_jax.zoo_trace import trace_zoo_model  # pylint: disable=g-import-not-at-top
   rho, T, chunk = FLAGS.memory_rho, FLAGS.memory_T, FLAGS.memory_time_chunk
   b1, b2 = (int(b) for b in FLAGS.memory_batches)
   gib, mib, budget = 2**30, 2**20, FLAGS.device_gib * 2**30

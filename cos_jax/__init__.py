@@ -18,7 +18,8 @@ from cos_jax.neuron import (IFResult, ProbeStats, calibrate_layer, if_neuron,
 from cos_jax.settings import Calibration, SettingsError
 from cos_jax.snn import (SNNRun, calibrate, evaluate_snn, init_v0, simulate,
                          spiking)
-from cos_jax.traced import trace, with_qcfs
+from cos_jax.qcfs_function import with_qcfs
+from cos_jax.traced import trace
 
 __all__ = [
     'Activation', 'Calibration', 'IFResult', 'ProbeStats', 'SNNRun',

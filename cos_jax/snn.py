@@ -25,7 +25,7 @@ from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
 from cos_jax.blocks import block_steps
 from cos_jax.checks import check_inputs, run_bounds
-from cos_jax.traced import check_model
+from cos_jax.zoo_trace import check_model
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
                               check_positive_int,
                               check_time_chunk)

@@ -17,18 +17,17 @@ equation:
   sharded), anything else under ``jax.vmap`` over the time axis; each site
   is the zoo's IF slot on the folded currents.
 
-:func:`with_qcfs` applies the same substitution to a user's training-mode
-function, with the same site names, so its trained thresholds feed the SNN.
+:func:`cos_jax.with_qcfs` (:mod:`cos_jax.qcfs_function`) applies the same
+substitution to a user's training-mode function, with the same site names, so
+its trained thresholds feed the SNN; :mod:`cos_jax.zoo_trace` reads the zoo's
+own models through the same jaxpr.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +67,7 @@ class Program:
 
   def jaxpr(self, *args):
     """The closed jaxpr of ``fn(*args)`` (traced once per shape)."""
-    key = _key(*args)
+    key = trace_key(*args)
     if key not in self._jaxprs:
       closed = jax.make_jaxpr(self.fn)(*args)
       names = site_names(site_stacks(closed.jaxpr))
@@ -311,14 +310,14 @@ def trace(fn: Callable, variables: PyTree, images, *, levels: int,
   closed = jax.make_jaxpr(fn)(variables, images)
   check_network(closed)
   program = Program(fn, site_names(site_stacks(closed.jaxpr)))
-  program._jaxprs[_key(variables, images)] = closed
+  program._jaxprs[trace_key(variables, images)] = closed
   model = TracedModel(program, levels, threshold_init=threshold_init)
   params = {NET: variables,
             **_thresholds(program.sites, thresholds, threshold_init)}
   return model, {'params': params}
 
 
-def _key(*args):
+def trace_key(*args):
   """Traced-once key of arguments: their tree and each leaf's shape and
   dtype (arrays, tracers or ShapeDtypeStructs)."""
   leaves, tree = jax.tree.flatten(args)
@@ -337,158 +336,3 @@ def _output_bytes(jaxpr) -> int:
     total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars
                  if hasattr(v.aval, 'dtype'))
   return total
-
-
-@dataclasses.dataclass(frozen=True)
-class QCFSFunction:
-  """``fn`` with each ReLU call replaced by QCFS (see :func:`with_qcfs`)."""
-  fn: Callable
-  levels: int
-
-  def _traced(self, args, kwargs):
-    leaves, tree = jax.tree.flatten((args, kwargs))
-    arrays = [isinstance(x, (jax.Array, np.ndarray, np.generic))
-              for x in leaves]
-
-    def flat(*xs):
-      it = iter(xs)
-      full = [next(it) if a else x for x, a in zip(leaves, arrays)]
-      a, k = jax.tree.unflatten(tree, full)
-      return self.fn(*a, **k)
-
-    inputs = [x for x, a in zip(leaves, arrays) if a]
-    closed, shape = jax.make_jaxpr(flat, return_shape=True)(*inputs)
-    return closed, inputs, shape
-
-  def sites(self, *args, **kwargs) -> tuple[str, ...]:
-    """The site names of ``fn(*args, **kwargs)``, as :func:`trace` names
-    them."""
-    return site_names(site_stacks(self._traced(args, kwargs)[0].jaxpr))
-
-  def init(self, *args, threshold_init: float = 8.0, **kwargs) -> dict:
-    """``{site: threshold_init}`` for every site of ``fn(*args, **kwargs)``."""
-    return {s: jnp.float32(threshold_init) for s in self.sites(*args,
-                                                               **kwargs)}
-
-  def __call__(self, thresholds: Mapping, *args, **kwargs):
-    closed, inputs, shape = self._traced(args, kwargs)
-    names = site_names(site_stacks(closed.jaxpr))
-    missing = [s for s in names if s not in thresholds]
-    if missing:
-      raise ValueError(f'thresholds lacks the sites {missing} (use '
-                       '.init(*args) for the names)')
-    out = evaluate(closed.jaxpr, closed.consts, inputs,
-                   site=lambda k, x: neuron.qcfs(x, thresholds[names[k]],
-                                                 self.levels),
-                   apply=bind)
-    return jax.tree.unflatten(jax.tree.structure(shape), out)
-
-
-def with_qcfs(fn: Callable, *, levels: int) -> QCFSFunction:
-  """``fn`` with every ``jax.nn.relu`` call a QCFS activation of L levels.
-
-  Works on any function, a training-mode forward included: BatchNorm
-  statistics, dropout keys and auxiliary outputs pass through as ``fn``
-  returns them. The sites are named as :func:`trace` names them, so the
-  thresholds trained here feed the SNN directly.
-
-  Args:
-    fn: any function calling ``jax.nn.relu``.
-    levels: L.
-
-  Returns:
-    ``qfn(thresholds, *args, **kwargs)``, ``thresholds`` a mapping from site
-    name to λ, differentiable in it (straight-through floor) and in the
-    array arguments; ``qfn.init(*args, **kwargs)`` gives every site λ = 8.
-
-  Example:
-    >>> def mlp(p, x):
-    ...   return jax.nn.relu(x @ p['w1']) @ p['w2']
-    >>> qfn = cos_jax.with_qcfs(mlp, levels=4)
-    >>> p = {'w1': jnp.ones((3, 5)), 'w2': jnp.ones((5, 2))}
-    >>> thresholds = qfn.init(p, jnp.ones((2, 3)))
-    >>> qfn(thresholds, p, jnp.ones((2, 3))).shape
-    (2, 2)
-  """
-  return QCFSFunction(fn, check_positive_int('levels', levels))
-
-
-def _as_relu(next_fun, args, kwargs, context):
-  if isinstance(context.module, Activation) and context.method_name == (
-      '__call__'):
-    return jax.nn.relu(args[0])
-  return next_fun(*args, **kwargs)
-
-
-_CHECKED = set()
-
-
-def check_model(model: nn.Module, variables: PyTree, images) -> None:
-  """The linearity check of :func:`trace` on a zoo-style model.
-
-  Its Activation slots are read as ReLU sites, so a hand-built model with
-  max pooling, LayerNorm or a stray ``jax.nn.relu`` between two slots is
-  refused (NotConvertible) instead of converting silently wrong. Each model
-  and input shape is checked once; a traced model was checked by
-  :func:`trace`.
-  """
-  if isinstance(model, TracedModel):
-    return
-  model = model.clone(spiking=None) if hasattr(model, 'spiking') else model
-  collections = {k: variables[k] for k in ('params', 'batch_stats')
-                 if k in variables}
-  key = (model, _key(collections, images))
-  if key in _CHECKED:
-    return
-  with nn.intercept_methods(_as_relu):
-    closed = jax.make_jaxpr(functools.partial(model.apply, train=False))(
-        collections, images)
-  stray = len(site_stacks(closed.jaxpr)) - _slots(model, collections, images)
-  if stray:
-    raise NotConvertible(
-        f'{type(model).__name__} calls jax.nn.relu {stray} time(s) outside '
-        'its Activation slots; use the Activation slot (the act factory) '
-        'for every ReLU')
-  check_network(closed, what=type(model).__name__)
-  _CHECKED.add(key)
-
-
-def _slots(model, collections, images) -> int:
-  """How many Activation calls one forward pass makes."""
-  calls = []
-
-  def count(next_fun, args, kwargs, context):
-    if isinstance(context.module, Activation) and context.method_name == (
-        '__call__'):
-      calls.append(1)
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(count):
-    jax.eval_shape(functools.partial(model.apply, train=False), collections,
-                   images)
-  return len(calls)
-
-
-def trace_zoo_model(model: nn.Module, variables: PyTree, images
-                    ) -> tuple[TracedModel, dict]:
-  """A zoo-style model through :func:`trace`: its forward with every
-  Activation slot read as ``jax.nn.relu``, the slots' thresholds carried
-  over. The same network on the traced front end (what the tests and
-  ``benchmarks/zoo_speed.py`` compare with the zoo path).
-  """
-  collections = {k: variables[k] for k in ('params', 'batch_stats')
-                 if k in variables}
-  ann = model.clone(spiking=None)
-
-  def fn(v, x):
-    with nn.intercept_methods(_as_relu):
-      return ann.apply(v, x, train=False)
-
-  names = site_names(site_stacks(jax.make_jaxpr(fn)(collections,
-                                                    images).jaxpr))
-  flat = traverse_util.flatten_dict(collections['params'])
-  # A slot's site is named by its module path under the model's own name.
-  thresholds = {s: flat[tuple(s.split('/')[1:]) + ('threshold',)]
-                for s in names}
-  return trace(fn, collections, images, levels=model.levels,
-               thresholds=thresholds, threshold_init=model.threshold_init)

@@ -346,7 +346,7 @@ def test_traced_memory_bound_counts_every_equation():
   the memory bound scales) are every equation's outputs, at least what the
   zoo model's captured module outputs give for the same network."""
   from cos_jax import checks  # pylint: disable=g-import-not-at-top
-  from cos_jax.traced import trace_zoo_model  # pylint: disable=g-import-not-at-top
+  from cos_jax.zoo_trace import trace_zoo_model  # pylint: disable=g-import-not-at-top
   model = models.get('small', num_classes=3, levels=4, stages=((4,), (8,)),
                      hidden=8)
   x = jnp.zeros((2, 12, 12, 1))
