@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cos_jax import fanout, methods
+from cos_jax import fanout, methods, trace_twin
 from cos_jax.activation import Activation
 from cos_jax.settings import SettingsError
 
@@ -110,8 +110,8 @@ def _ann(model: nn.Module) -> nn.Module:
 
 def _describe(model, variables, image_shape):
   """Shapes of every IF layer and of the output, and the ANN's MACs."""
-  if fanout.is_traced(model):  # no modules to intercept: its jaxpr's
-    return fanout.describe_traced(model, variables, image_shape)
+  if trace_twin.is_traced(model):  # no modules to intercept: its jaxpr's
+    return trace_twin.describe(model, variables, image_shape)
   shapes, macs = {}, {}
 
   def record(next_fun, args, kwargs, context):

@@ -21,8 +21,6 @@ import numpy as np
 
 from cos_jax import trace_twin
 from cos_jax.activation import Activation
-from cos_jax.trace_twin import describe as describe_traced  # noqa: F401
-from cos_jax.trace_twin import is_traced
 
 OUTPUT = 'output'  # the network's (non-spiking) output, as a fan-out target
 LINEAR = (nn.Conv, nn.Dense)
@@ -59,7 +57,7 @@ def twin(model, variables, images, outputs: dict, shapes: dict):
   wider hold the same value for every feature. A traced model's twin is
   read off its jaxpr (``cos_jax.trace_twin``).
   """
-  if is_traced(model):
+  if trace_twin.is_traced(model):
     return trace_twin.twin(model, variables, images, outputs, shapes)
   inputs, linear_inputs, inside = {}, {}, []
 

@@ -129,25 +129,19 @@ def test_nnx_cnn_trains_with_qcfs_and_cos_beats_half_at_t1(nnx_run):
   print('NNX', results)
 
 
-def test_linen_cnn_trains_with_qcfs_and_cos_beats_half_at_t1(helpers):
-  ns = _run_section('Flax Linen', dict(helpers))
+@pytest.mark.parametrize('section, state, sites', [
+    ('Flax Linen', 'stats', ('CNN/relu_0', 'CNN/relu_1')),
+    # No module path: JAX's name for the vmap transformation.
+    ('Equinox', 'state', ('vmap()/relu_0', 'vmap()/relu_1'))])
+def test_linen_and_equinox_cnns_train_with_qcfs_and_cos_beats_half_at_t1(
+    helpers, section, state, sites):
+  ns = _run_section(section, dict(helpers))
   results = _check_converted(ns, initial_thresholds=4.0)
   x = ns['x_train'][:1]
-  assert ns['qfn'].sites(ns['params'], ns['stats'], x) == ns['net'].sites
-  assert ns['net'].sites == ('CNN/relu_0', 'CNN/relu_1')
-  _check_updated(ns['stats'])
-  print('Linen', results)
-
-
-def test_equinox_cnn_trains_with_qcfs_and_cos_beats_half_at_t1(helpers):
-  ns = _run_section('Equinox', dict(helpers))
-  results = _check_converted(ns, initial_thresholds=4.0)
-  x = ns['x_train'][:1]
-  assert ns['qfn'].sites(ns['params'], ns['state'], x) == ns['net'].sites
-  # No module path: JAX's name for the vmap transformation.
-  assert ns['net'].sites == ('vmap()/relu_0', 'vmap()/relu_1')
-  _check_updated(ns['state'])
-  print('Equinox', results)
+  assert ns['qfn'].sites(ns['params'], ns[state], x) == ns['net'].sites
+  assert ns['net'].sites == sites
+  _check_updated(ns[state])
+  print(section, results)
 
 
 def test_plain_jax_mlp_trains_with_qcfs_and_cos_beats_half_at_t1(helpers):

@@ -102,12 +102,12 @@ def _wider_hidden_layer(workdir):
   path.write_text(json.dumps(config))
 
 
-def _nan_params(workdir):
-  """Re-saves the best checkpoint with a NaN weight (and valid digests)."""
+def _resave_edited(workdir, edit):
+  """Re-saves the best checkpoint after ``edit(variables)`` changed its
+  NumPy copy in place (the digests stay valid: the values are the fault)."""
   restored = checkpoints.restore(str(workdir))
   variables = jax.tree.map(np.array, restored.variables)
-  kernel = variables['params']['Conv_0']['kernel']
-  kernel.flat[0] = np.nan
+  edit(variables)
   best = Path(workdir, 'best')
   shutil.rmtree(best)
   manager = checkpoints.Manager(str(best), max_to_keep=1, create=True,
@@ -115,6 +115,13 @@ def _nan_params(workdir):
   manager.save(restored.step, variables=variables,
                metadata={'step': restored.step, 'test_accuracy': 0.5})
   manager.close()
+
+
+def _nan_params(workdir):
+  """The best checkpoint with a NaN weight."""
+  def nan_weight(variables):
+    variables['params']['Conv_0']['kernel'].flat[0] = np.nan
+  _resave_edited(workdir, nan_weight)
 
 
 # ---------------------------------------------------------------------------
@@ -827,21 +834,11 @@ def test_torch_checkpoint_with_bad_values_is_refused(tmp_path, capfd, name):
 
 def test_native_checkpoint_with_negative_variance_is_refused(tiny, tmp_path,
                                                              capfd):
-  def negative_variance(workdir):
-    restored = checkpoints.restore(str(workdir))
-    variables = jax.tree.map(np.array, restored.variables)
-    next(iter(jax.tree.leaves(variables['batch_stats'])))  # has BN
+  def negative_variance(variables):
     stats = variables['batch_stats']
-    layer = sorted(stats)[0]
-    stats[layer]['var'][0] = -1.0
-    best = Path(workdir, 'best')
-    shutil.rmtree(best)
-    manager = checkpoints.Manager(str(best), max_to_keep=1, create=True,
-                                  async_save=False)
-    manager.save(restored.step, variables=variables,
-                 metadata={'step': restored.step, 'test_accuracy': 0.5})
-    manager.close()
-  workdir = _variant(tiny, tmp_path, negative_variance)
+    stats[sorted(stats)[0]]['var'][0] = -1.0
+  workdir = _variant(tiny, tmp_path,
+                     lambda w: _resave_edited(w, negative_variance))
   code, err = convert_in_process(capfd, workdir=workdir,
                                  output_dir=str(tmp_path / 'o'))
   expect_usage_error(err, code, 'negative BatchNorm variance')
