@@ -96,6 +96,21 @@ def finalized_steps(directory: str) -> list[int]:
                 and os.path.isdir(os.path.join(directory, name)))
 
 
+def enclosing_workdir(path: str) -> str | None:
+  """The train.py workdir that ``path`` is in or is (a folder with
+  config.json and a best/ or checkpoints/ directory), or None."""
+  path = os.path.realpath(path)
+  while True:
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
+        os.path.isdir(os.path.join(path, d)) for d in (BEST_DIR,
+                                                       CHECKPOINT_DIR)):
+      return path
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str,
                   restart: bool = False) -> bool:
   """Checks that ``workdir`` is new, or holds only what train.py wrote.

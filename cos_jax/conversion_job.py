@@ -39,6 +39,11 @@ def output_dir(config) -> str:
   if config.model:  # a user's network file and its folder
     protected.append(user_model.split_spec(config.model)[0])
   path = ownership.check_output_dir(path, report.FILES, protected)
+  workdir = checkpoints.enclosing_workdir(path)
+  if workdir:
+    raise SettingsError('output_dir', f'{path} is inside the train.py '
+                        f'workdir {workdir}, which holds only train.py\'s '
+                        'files: pass a directory outside it')
   parent = os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)

@@ -618,6 +618,9 @@ REFUSED_OUTPUT_DIRS = {
     'the folder of the .pth': (
         lambda r: {'torch_checkpoint': str(r / 'ckpt' / 'm_L4.pth'),
                    'output_dir': str(r / 'ckpt')}, ['checkpoint']),
+    'a new folder inside a workdir': (
+        lambda r: {'output_dir': str(r / 'run' / 'results')},
+        ['inside the train.py workdir']),
     "a folder of the user's files": (lambda r: {'output_dir': str(r / 'sub')},
                                      ['data.csv']),
     'results with a file added': (lambda r: {'output_dir': str(r / 'old')},
