@@ -245,6 +245,13 @@ def start(host_devices: int, process_flags: dict) -> None:
     runtime.stop_on_signals()
 
 
+def _stopped(program: str, signum: int) -> NoReturn:
+  what = ('interrupted (Ctrl-C)' if signum == signal.SIGINT
+          else 'terminated (SIGTERM)')
+  fail(program, f'{what}; earlier results and checkpoints are as they were',
+       128 + signum)
+
+
 @contextlib.contextmanager
 def one_line_errors(program: str):
   """Turns the errors a user can fix into :func:`fail` (exit 2), the
@@ -257,12 +264,12 @@ def one_line_errors(program: str):
   except USAGE_ERRORS as e:
     fail(program, first_line(e, 500))
   except KeyboardInterrupt:
-    fail(program, 'interrupted (Ctrl-C); earlier results and checkpoints are '
-         'as they were', 128 + signal.SIGINT)
+    _stopped(program, signal.SIGINT)
   except runtime.Terminated:
-    fail(program, 'terminated (SIGTERM); earlier results and checkpoints are '
-         'as they were', 128 + signal.SIGTERM)
+    _stopped(program, signal.SIGTERM)
   except Exception as e:  # pylint: disable=broad-except
+    if runtime.stop_signal():  # a library turned the stop into its own error
+      _stopped(program, runtime.stop_signal())
     message = environment_error(e)
     if message is None:
       raise

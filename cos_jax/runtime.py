@@ -56,17 +56,24 @@ def stop_on_signals() -> None:
     if not (_STOP_SIGNALS and isinstance(
         report.exc_value, (KeyboardInterrupt, Terminated))):
       unraisable(report)
-  sys.unraisablehook = quiet_stops
+  if getattr(unraisable, '__name__', '') != 'quiet_stops':  # once
+    sys.unraisablehook = quiet_stops
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, handler)
   signal.signal(signal.SIGTERM, handler)
+
+
+def stop_signal() -> int | None:
+  """The first stop signal :func:`stop_on_signals`' handler has seen, or
+  None."""
+  return _STOP_SIGNALS[0] if _STOP_SIGNALS else None
 
 
 def raise_if_stopped() -> None:
   """Raises KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM) if
   :func:`stop_on_signals`' handler has seen that signal; else nothing."""
   if _STOP_SIGNALS:
-    raise (KeyboardInterrupt() if _STOP_SIGNALS[0] == signal.SIGINT
+    raise (KeyboardInterrupt() if stop_signal() == signal.SIGINT
            else Terminated())
 _FORCED_DEVICES_FLAG = '--xla_force_host_platform_device_count'
 

@@ -1014,6 +1014,20 @@ def test_interrupts_are_one_line(capfd, signal_class, code):
   assert e.value.code == code and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_an_error_after_a_stop_is_the_stop(capfd, monkeypatch, signum):
+  """A library that turns the stop's exception into its own error (as a
+  callback run from C may) still ends in the stop's line and exit code."""
+  monkeypatch.setattr(runtime, '_STOP_SIGNALS', [signum])
+  capfd.readouterr()
+  with pytest.raises(SystemExit) as e:
+    with cli.one_line_errors('convert.py'):
+      raise RuntimeError('UnknownError: KeyboardInterrupt in a callback')
+  err = capfd.readouterr().err
+  assert e.value.code == 128 + signum and len(err.strip().splitlines()) == 1
+  assert 'earlier results' in err
+
+
 @pytest.mark.parametrize('value, words', [
     ({'rho': 4}, 'returned dict'), (None, 'returned NoneType'),
     ('missing', "has no field 'T'")])
