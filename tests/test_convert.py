@@ -20,7 +20,7 @@ import cos_jax
 from cli_helpers import (convert_in_process, expect_usage_error,
                          run_script)
 from configs import default as default_config
-from cos_jax import checkpoints, conversion, ownership, report, training
+from cos_jax import checkpoints, conversion, ownership, plots, report, training
 from cos_jax.data import pipeline
 
 
@@ -52,7 +52,7 @@ def test_convert_end_to_end(tiny_workdir, tmp_path):
   assert doc['examples'] == 300 and doc['devices'] == 2
   assert doc['config']['rho'] == 4 and doc['config']['T'] == 8
   # The histograms can be re-plotted from the JSON (str keys there).
-  assert report.offset_spike_figure(doc)[:8] == b'\x89PNG\r\n\x1a\n'
+  assert plots.offset_spike_figure(doc)[:8] == b'\x89PNG\r\n\x1a\n'
   # Calibrated methods are reported at T, the others up to T + ρ.
   assert len(doc['curves']['cos']) == 8
   assert len(doc['curves']['half']) == len(doc['curves']['random']) == 12

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import cos_jax
-from cos_jax import (conversion, correction, cost, fanout, methods, report,
-                     runtime, snn)
+from cos_jax import (conversion, correction, cost, fanout, methods, plots,
+                     report, runtime, snn)
 from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.models.common import QCFSNet
 from cos_jax.settings import Calibration, SettingsError
@@ -336,7 +336,7 @@ def test_convert_and_evaluate_counts_without_padding_rows(toy):
   assert half['deployment']['sops'] == half['sops']
   assert 'energy relative to the ANN' in report.format_costs(padded, settings)
   assert 'Activation_1' in report.format_cost_layers(padded, settings)
-  assert report.accuracy_energy_figure(padded, settings)[:4] == b'\x89PNG'
+  assert plots.accuracy_energy_figure(padded, settings)[:4] == b'\x89PNG'
   csv_rows = report._csv(padded).splitlines()  # pylint: disable=protected-access
   assert csv_rows[0].endswith('latency_steps') and len(csv_rows) == 2 + 2 + 6
 
