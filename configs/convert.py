@@ -3,7 +3,7 @@
 ``python convert.py`` uses this file. Every field can be set on the command
 line as ``--field value`` or ``--config.field=value``, e.g.
 ``python convert.py --rho 4 --T 16 --init cos,half``. The settings are
-checked once, before any work (cos_jax.conversion.ConversionSettings).
+checked once, before any work (cos_jax.conversion_settings.ConversionSettings).
 """
 
 import os

@@ -24,6 +24,13 @@ from cos_jax import methods, neuron
 from cos_jax.settings import Calibration
 
 
+def model_variables(variables) -> dict:
+  """The collections a model is applied with, ``{'params', 'batch_stats'}``
+  (those present) of ``variables``; the rest ('v0', a pass's state) belong
+  to one spiking pass."""
+  return {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+
+
 @dataclasses.dataclass(frozen=True)
 class SpikingConfig:
   """Static settings of one spiking forward pass (hashable: a jit static).

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from cos_jax import checks, methods, neuron, runtime, snn
+from cos_jax.activation import model_variables
 from cos_jax.settings import DEFAULT_SATURATED, check_positive_int
 
 PyTree = Any
@@ -70,7 +71,7 @@ def statistics(model, variables, images, mask, key, *, T: int,
   """:func:`layer_statistics` on settings already validated (no checks);
   ``method`` is bound to its settings."""
   _, ann_state = model.apply(
-      {k: variables[k] for k in ('params', 'batch_stats') if k in variables}, images,
+      model_variables(variables), images,
       train=False, mutable=['intermediates'])
   run = snn.run_method(model, variables, images, key, T=T, method=method,
                        record_steps=T)

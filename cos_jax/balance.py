@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from cos_jax.activation import Activation
+from cos_jax.activation import Activation, model_variables
 from cos_jax.settings import SettingsError, check_positive_int
 
 PyTree = Any
@@ -123,8 +123,7 @@ def balance_thresholds(model: nn.Module, variables: PyTree,
   if (isinstance(rate, bool) or not isinstance(rate, (int, float))
       or not 0 < rate < float('inf')):
     raise SettingsError('rate', f'must be a finite number > 0, got {rate!r}')
-  collections = {k: variables[k] for k in ('params', 'batch_stats')
-                 if k in variables}
+  collections = model_variables(variables)
   state, seen = {}, 0
   for images in batches:
     if seen == num_batches:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from cos_jax import blocks, neuron, runtime
-from cos_jax.activation import SpikingConfig
+from cos_jax.activation import SpikingConfig, model_variables
 from cos_jax.blocks import block_steps
 from cos_jax.settings import Calibration, SettingsError
 
@@ -135,8 +135,7 @@ def model_facts(model: nn.Module, variables, image_shape,
     ValueError: images of that shape do not fit the variables (the message
       names ``images`` and the model's error).
   """
-  variables = {k: variables[k] for k in ('params', 'batch_stats')
-               if k in variables}
+  variables = model_variables(variables)
   leaves, treedef = jax.tree.flatten(variables)
   abstract = tuple(jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
                    for x in leaves)

@@ -19,7 +19,7 @@ import tqdm
 
 from cos_jax import (balance, checkpoints, checks, conversion, data,
                      interop, ownership, report, runtime, user_model)
-from cos_jax.conversion import ConversionSettings
+from cos_jax.conversion_settings import ConversionSettings
 from cos_jax.data import pipeline
 from cos_jax.settings import SettingsError, check_positive_int
 

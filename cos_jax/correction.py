@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from cos_jax import methods, snn
+from cos_jax.activation import model_variables
 
 PyTree = Any
 
@@ -45,7 +46,7 @@ def _layer_names(tree: PyTree) -> list[tuple[str, ...]]:
 def _ann_outputs(model, variables, images) -> dict:
   """Each QCFS layer's output a, ``{path (..., 'v0'): [N, ...]}``."""
   _, state = model.apply(
-      {k: variables[k] for k in ('params', 'batch_stats') if k in variables},
+      model_variables(variables),
       images,
       train=False, mutable=['intermediates'])
   flat = traverse_util.flatten_dict(state['intermediates'])

@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from cos_jax import fanout, methods, trace_twin
-from cos_jax.activation import Activation
+from cos_jax.activation import Activation, model_variables
 from cos_jax.settings import SettingsError
 
 PyTree = Any
@@ -160,8 +160,7 @@ def analyse(model: nn.Module, variables: PyTree, image_shape) -> Network:
       norms), or a fan-out that is not separable by axes.
   """
   model = _ann(model)
-  variables = {k: variables[k] for k in ('params', 'batch_stats')
-               if k in variables}
+  variables = model_variables(variables)
   image_shape = tuple(image_shape)
   shapes, ann_macs = _describe(model, variables, image_shape)
   layers = tuple(n for n in shapes if n != fanout.OUTPUT)

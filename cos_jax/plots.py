@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from cos_jax import analysis, report  # pylint: disable=g-import-not-at-top
-from cos_jax.conversion import ConversionSettings  # pylint: disable=g-import-not-at-top
+from cos_jax.conversion_settings import ConversionSettings  # pylint: disable=g-import-not-at-top
 
 
 def _png(fig) -> bytes:

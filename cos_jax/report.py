@@ -13,7 +13,7 @@ import os
 import shutil
 
 from cos_jax import ownership, plots, runtime
-from cos_jax.conversion import ConversionSettings, reported_steps
+from cos_jax.conversion_settings import ConversionSettings, reported_steps
 
 FILES = ('results.json', 'results.csv', 'accuracy.png', 'offset_spikes.png',
          'accuracy_energy.png')
@@ -42,7 +42,7 @@ def _rows_of(method) -> list[tuple[str, int]]:
   shifts = method.shifts()
   if len(shifts) == 1:
     return [(method.display(), 0)]
-  return [(f'{method.display()} at T' + (f'+rho' if s else ''), s)
+  return [(f'{method.display()} at T' + ('+rho' if s else ''), s)
           for s in shifts]
 
 

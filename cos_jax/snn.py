@@ -12,7 +12,6 @@ Initial potentials travel as a "v0 pytree": the Flax ``'v0'`` collection, one
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -23,9 +22,9 @@ from flax import traverse_util
 
 from cos_jax import methods, neuron
 from cos_jax.activation import SpikingConfig
-from cos_jax.blocks import block_steps
 from cos_jax.checks import check_inputs, run_bounds
-from cos_jax.zoo_trace import check_model
+from cos_jax.spiking_pass import (apply_in_chunks, apply_pass, join_step_spikes,
+                                  merge_leading)
 from cos_jax.settings import (DEFAULT_SATURATED, DEFAULT_TIME_CHUNK,
                               check_positive_int,
                               check_time_chunk)
@@ -48,102 +47,6 @@ def spiking(model: nn.Module, config: SpikingConfig) -> nn.Module:
     ((8, 10), ['Activation_0', 'Activation_1'])
   """
   return model.clone(spiking=config)
-
-
-def _model_variables(variables: PyTree, v0: PyTree | None,
-                     extra: dict | None = None) -> dict:
-  out = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
-  if v0 is not None:
-    out['v0'] = v0
-  return {**out, **(extra or {})}
-
-
-def _apply(model, variables, images, v0, config: SpikingConfig,
-           capture: bool = False, key: jax.Array | None = None,
-           extra: dict | None = None):
-  """One spiking pass; returns (outputs [steps, B, C], mutated collections).
-
-  ``extra``: more read-only collections, SRP's ``'mask'`` or bc's
-  ``'shift'`` (trees like the v0 tree)."""
-  check_model(model, variables, images)  # once per model and shape
-  mutable = []
-  if v0 is None or config.method is not None:
-    mutable.append('v0')
-  if capture or config.count_steps:
-    mutable.append('intermediates')
-  if config.keep_final_v:
-    mutable.append('v_end')
-  out, state = spiking(model, config).apply(
-      _model_variables(variables, v0, extra), images, train=False,
-      mutable=mutable,
-      rngs=None if key is None else {'v0': key})
-  # Sample-major time folding (see Activation): [B·T, C] -> [T, B, C].
-  outputs = jnp.moveaxis(
-      out.reshape((images.shape[0], config.steps) + out.shape[1:]), 1, 0)
-  return outputs, dict(state)
-
-
-def _apply_chunked(model, variables, images, v0, config: SpikingConfig,
-                   capture: bool = False, time_chunk: int | None = None,
-                   key: jax.Array | None = None, extra: dict | None = None):
-  """:func:`_apply` over ``config.steps`` steps, run in time chunks.
-
-  The first chunk runs ``config`` (so a layer-wise probe, which needs its
-  first ρ inputs together, and the recorded steps fall inside it) for
-  ``max(time_chunk, ρ, record_steps)`` steps; the rest continue from each
-  layer's final potential, ``time_chunk`` steps at a time, under a
-  ``lax.scan``. Spikes are identical to one long run: only the batch that
-  linear layers see changes size. Returns what :func:`_apply` returns, the
-  collections being those of the first chunk, except that the per-step
-  spike counts of ``config.count_steps`` span every chunk.
-  """
-  first_steps = block_steps(config.steps, config.probe_steps, time_chunk,
-                            config.record_steps)
-  if config.steps <= first_steps:
-    return _apply(model, variables, images, v0, config, capture, key, extra)
-  outputs, state = _apply(
-      model, variables, images, v0,
-      dataclasses.replace(config, steps=first_steps, keep_final_v=True),
-      capture, key, extra)
-  v_end = state.pop('v_end')
-  full_chunks, remainder = divmod(config.steps - first_steps, time_chunk)
-  continue_for = lambda steps, v: _apply(
-      model, variables, images, v,
-      SpikingConfig(steps=steps, keep_final_v=True,
-                    count_steps=config.count_steps, masked=config.masked,
-                    shifted=config.shifted), extra=extra)
-  pieces, counted = [outputs], [state.get('intermediates', {})]
-  if full_chunks:
-    def one_chunk(v, _):
-      out, chunk_state = continue_for(time_chunk, v)
-      return chunk_state['v_end'], (out, chunk_state.get('intermediates', {}))
-    v_end, (chunked, sown) = jax.lax.scan(one_chunk, v_end,
-                                          length=full_chunks)
-    pieces.append(chunked.reshape((-1,) + chunked.shape[2:]))
-    counted.append(jax.tree.map(_merge_leading, sown))
-  if remainder:
-    out, chunk_state = continue_for(remainder, v_end)
-    pieces.append(out)
-    counted.append(chunk_state.get('intermediates', {}))
-  if config.count_steps:
-    state['intermediates'] = _join_step_spikes(counted[0], counted)
-  return jnp.concatenate(pieces), state
-
-
-def _merge_leading(x):
-  """[n, steps, ...] -> [n·steps, ...] (scanned chunks back into one run)."""
-  return x.reshape((-1,) + x.shape[2:])
-
-
-def _join_step_spikes(base: dict, trees: list[dict]) -> dict:
-  """The intermediates ``base`` with its ``'step_spikes'`` replaced by those
-  of ``trees`` joined along time, in order."""
-  flat = traverse_util.flatten_dict(base)
-  for path in flat:
-    if path[-1] == 'step_spikes':
-      flat[path] = (jnp.concatenate([
-          traverse_util.flatten_dict(tree)[path][0] for tree in trees]),)
-  return traverse_util.unflatten_dict(flat)
 
 
 def _thresholds_like(v0_shapes: PyTree, params: PyTree) -> PyTree:
@@ -178,7 +81,7 @@ def init_v0(model: nn.Module, variables: PyTree, images: jax.Array) -> PyTree:
   check_inputs(variables, images, model)
   config = SpikingConfig(steps=1)
   shapes = jax.eval_shape(
-      lambda v, x: _apply(model, v, x, None, config)[1]['v0'], variables,
+      lambda v, x: apply_pass(model, v, x, None, config)[1]['v0'], variables,
       images)
   thresholds = _thresholds_like(shapes, variables['params'])
   return jax.tree.map(
@@ -204,7 +107,7 @@ def _calibrate(model, variables, images, v0, *,
   """v0 after a probing ``method``'s calibration over ρ steps."""
   config = SpikingConfig(steps=method.rho, method=method)
   if method.run == methods.FUSED:  # layerwise: one pass does every round
-    return _apply(model, variables, images, v0, config)[1]['v0']
+    return apply_pass(model, variables, images, v0, config)[1]['v0']
   return _global_passes(model, variables, images, v0, config,
                         method.pre_passes)[0]
 
@@ -218,10 +121,10 @@ def _global_passes(model, variables, images, v0, config: SpikingConfig,
   if v0 is None:
     v0 = init_v0(model, variables, images)
   def one_pass(v, _):
-    _, state = _apply(model, variables, images, v, config)
+    _, state = apply_pass(model, variables, images, v, config)
     return state['v0'], state.get('intermediates', {})
   v0, sown = jax.lax.scan(one_pass, v0, length=passes)
-  return v0, jax.tree.map(_merge_leading, sown)
+  return v0, jax.tree.map(merge_leading, sown)
 
 
 def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
@@ -275,7 +178,7 @@ def calibrate(model: nn.Module, variables: PyTree, images: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=('model', 'T', 'time_chunk'))
 def _simulate(model, variables, images, v0, *, T, time_chunk):
-  return _apply_chunked(model, variables, images, v0, SpikingConfig(steps=T),
+  return apply_in_chunks(model, variables, images, v0, SpikingConfig(steps=T),
                         time_chunk=time_chunk)[0]
 
 
@@ -290,7 +193,7 @@ def step_spikes_from(model: nn.Module, variables: PyTree, images: jax.Array,
   passes). Jit-able; not jitted.
   """
   config = SpikingConfig(steps=steps, count_steps=True)
-  return _apply_chunked(model, variables, images, v0, config,
+  return apply_in_chunks(model, variables, images, v0, config,
                         time_chunk=time_chunk)[1]['intermediates']
 
 
@@ -377,7 +280,7 @@ def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
   if method.run == methods.FUSED:
     config = SpikingConfig(steps=method.layer_steps(T), method=method,
                            record_steps=record_steps, count_steps=count_steps)
-    outputs, state = _apply_chunked(model, variables, images, None, config,
+    outputs, state = apply_in_chunks(model, variables, images, None, config,
                                     capture=bool(record_steps),
                                     time_chunk=time_chunk, key=key)
     return SNNRun(outputs[:steps], state['v0'],
@@ -394,14 +297,14 @@ def run_method(model: nn.Module, variables: PyTree, images: jax.Array,
   elif method.run == methods.CORRECTED:
     start = corrections.get('v0')
     extra = {k: v for k, v in corrections.items() if k != 'v0'}
-  outputs, state = _apply_chunked(
+  outputs, state = apply_in_chunks(
       model, variables, images, start,
       SpikingConfig(steps=steps, record_steps=record_steps,
                     count_steps=count_steps, masked='mask' in extra,
                     shifted='shift' in extra),
       capture=bool(record_steps), time_chunk=time_chunk, extra=extra)
   if count_steps and probed is not None:
-    state['intermediates'] = _join_step_spikes(
+    state['intermediates'] = join_step_spikes(
         state['intermediates'], [probed, state['intermediates']])
   v0 = start if start is not None else state['v0']
   return SNNRun(outputs, v0, state.get('intermediates', {}))
@@ -412,7 +315,7 @@ def _presim_mask(model, variables, images, method: methods.Method,
   """SRP's pre-simulation: the whole network runs τ steps from θ/2; per
   neuron and sample, mask = [v(τ) > 1e-3·θ] (1.0 or 0.0, ``[B, ...]`` per
   layer, the v0 tree's layout). Returns (mask, the pass's intermediates)."""
-  _, state = _apply(model, variables, images, None,
+  _, state = apply_pass(model, variables, images, None,
                     SpikingConfig(steps=method.pre_steps, keep_final_v=True,
                                   count_steps=count_steps))
   v_end = state['v_end']

@@ -16,7 +16,7 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 
-from cos_jax.activation import Activation
+from cos_jax.activation import Activation, model_variables
 from cos_jax.jaxpr_walk import (NotConvertible, check_network, site_names,
                                 site_stacks)
 from cos_jax.traced import TracedModel, trace, trace_key
@@ -46,8 +46,7 @@ def check_model(model: nn.Module, variables: PyTree, images) -> None:
   if isinstance(model, TracedModel):
     return
   model = model.clone(spiking=None) if hasattr(model, 'spiking') else model
-  collections = {k: variables[k] for k in ('params', 'batch_stats')
-                 if k in variables}
+  collections = model_variables(variables)
   key = (model, trace_key(collections, images))
   if key in _CHECKED:
     return
@@ -87,8 +86,7 @@ def trace_zoo_model(model: nn.Module, variables: PyTree, images
   over. The same network on the traced front end (what the tests and
   ``benchmarks/zoo_speed.py`` compare with the zoo path).
   """
-  collections = {k: variables[k] for k in ('params', 'batch_stats')
-                 if k in variables}
+  collections = model_variables(variables)
   ann = model.clone(spiking=None)
 
   def fn(v, x):

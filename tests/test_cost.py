@@ -22,6 +22,7 @@ from cos_jax.activation import Activation, SpikingConfig
 from cos_jax.models.common import QCFSNet
 from cos_jax.settings import Calibration, SettingsError
 from configs import convert as convert_config
+from model_helpers import random_variables
 
 IMAGE = (7, 5, 2)  # odd and unequal sides: padding and axis order both show
 
@@ -62,7 +63,7 @@ def toy_fanout():
 def toy():
   model = Toy(num_classes=10, levels=4, threshold_init=1.0)
   images = jax.random.uniform(jax.random.key(0), (6,) + IMAGE)
-  variables = _random_variables(model, IMAGE)
+  variables = random_variables(model, IMAGE)
   return model, variables, images
 
 
@@ -191,17 +192,6 @@ def test_ann_macs_match_the_published_counts():
     assert abs(counted - published) / published < 0.01
 
 
-def _random_variables(model, image):
-  """Random weights of either sign, positive thresholds and BN statistics
-  (drawn in NumPy: no compilation)."""
-  rng = np.random.default_rng(3)
-  draw = lambda path, leaf: (
-      rng.standard_normal(leaf.shape) if path[-1].key == 'kernel'
-      else rng.uniform(0.5, 1.5, leaf.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1,) + image)))
-
-
 def _jacobian_fanouts(model, variables, image_shape, shapes):
   """Oracle: per neuron of each IF layer in ``shapes``, the nonzero entries
   of the Jacobian of every IF layer's input and the logits with respect to
@@ -242,7 +232,7 @@ def test_zoo_fanouts_match_the_jacobian(name, kwargs, image, layers):
   through two windows: counted once), VALID pools that drop a row, flatten
   and global mean before dense layers."""
   model = cos_jax.models.get(name, num_classes=7, levels=4, **kwargs)
-  variables = _random_variables(model, image)
+  variables = random_variables(model, image)
   network = cost.analyse(model, variables, image)
   assert network.depth == len(network.layers)  # every IF layer is on a chain
   sown = jax.eval_shape(lambda: model.apply(

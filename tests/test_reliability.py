@@ -31,8 +31,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cos_jax
-from cli_helpers import (ROOT, TINY_TRAIN, convert_in_process,
-                         expect_usage_error, run_script, train_in_process)
+from cli_helpers import (ROOT, convert_in_process, expect_usage_error,
+                         train_in_process)
 from cos_jax import (checkpoints, cli, conversion, interop, ownership, report,
                      runtime, training)
 from cos_jax.data import DatasetUnavailableError

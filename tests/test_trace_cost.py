@@ -21,6 +21,7 @@ from cos_jax import methods, conversion, cost, jaxpr_walk, runtime, snn, trace_t
 from cos_jax.activation import Activation
 from cos_jax.settings import Calibration
 from configs import convert as convert_config
+from model_helpers import random_variables
 
 NETS = {
     'small': ('SmallNet', (12, 12, 1), dict(stages=((4,), (8,)), hidden=16)),
@@ -43,24 +44,13 @@ def _relu(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
-def _random_variables(model, image):
-  """Random kernels of either sign, BN statistics and thresholds in
-  [0.5, 1.5] (drawn in NumPy)."""
-  rng = np.random.default_rng(3)
-  draw = lambda path, leaf: (
-      rng.standard_normal(leaf.shape) if path[-1].key == 'kernel'
-      else rng.uniform(0.5, 1.5, leaf.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1,) + image)))
-
-
 def _zoo_and_traced(name):
   """(zoo model, its variables, traced model, its variables, image shape,
   the traced names' prefix)."""
   prefix, image, kwargs = NETS[name]
   model = cos_jax.models.get(name, num_classes=10, levels=4,
                              conv_impl='lax', **kwargs)
-  variables = _random_variables(model, image)
+  variables = random_variables(model, image)
 
   def fn(v, x):
     with nn.intercept_methods(_relu):
